@@ -1,0 +1,65 @@
+"""Next-token statistics over logits: entropy (bits), varentropy, max-prob confidence, argmax, log-sum-exp and
+the routing decision. The pure-torch functions here are the reference the ext/ kernels are tested against."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+LN2 = math.log(2.0)
+
+# routing decision codes (shared with the ext/ kernels)
+DECISION_EXIT = 0  # entropy below tau_low: confident, may exit
+DECISION_CONTINUE = 1  # in between: run full depth
+DECISION_ESCALATE = 2  # entropy above tau_high: O1 deep reasoning
+DECISION_NAMES = {DECISION_EXIT: "exit", DECISION_CONTINUE: "continue", DECISION_ESCALATE: "escalate"}
+
+
+@dataclass(frozen=True)
+class TokenStats:
+    """Per-row statistics; every field has the logits' leading shape (rows)."""
+
+    entropy_bits: torch.Tensor
+    varentropy: torch.Tensor  # variance of the surprisal, in bits^2
+    max_prob: torch.Tensor
+    argmax: torch.Tensor
+    logsumexp: torch.Tensor
+    decision: torch.Tensor
+
+
+def token_stats_reference(logits: torch.Tensor, tau_low: float, tau_high: float) -> TokenStats:
+    """The reference: several passes over the logits, in fp32."""
+    z = logits.float()
+    lse = torch.logsumexp(z, dim=-1)
+    logp = z - lse.unsqueeze(-1)
+    p = logp.exp()
+    ent_nats = -(p * logp).sum(-1)
+    second = (p * logp * logp).sum(-1)
+    var_nats = (second - ent_nats * ent_nats).clamp_min(0.0)
+    maxv, arg = z.max(dim=-1)
+    entropy_bits = ent_nats / LN2
+    decision = torch.full_like(arg, DECISION_CONTINUE)
+    decision = torch.where(entropy_bits < tau_low, torch.full_like(arg, DECISION_EXIT), decision)
+    decision = torch.where(entropy_bits > tau_high, torch.full_like(arg, DECISION_ESCALATE), decision)
+    return TokenStats(
+        entropy_bits=entropy_bits,
+        varentropy=var_nats / (LN2 * LN2),
+        max_prob=(maxv - lse).exp(),
+        argmax=arg,
+        logsumexp=lse,
+        decision=decision,
+    )
+
+
+def token_stats(logits: torch.Tensor, tau_low: float = 0.0, tau_high: float = float("inf")) -> TokenStats:
+    """Statistics of the next-token distribution(s) in `logits` ([..., V])."""
+    return token_stats_reference(logits, tau_low, tau_high)
+
+
+def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of softmax(logits) along the last dimension."""
+    z = logits.float()
+    logp = torch.log_softmax(z, dim=-1)
+    return -(logp.exp() * logp).sum(-1) / LN2

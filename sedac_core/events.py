@@ -1,0 +1,231 @@
+"""The event types the engine emits (one small frozen dataclass each, JSON round-trippable) and the thread-safe
+EventBus that carries them from the inference thread to the UI, the recorder and anyone else."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Mapping
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = "1.0"  # major.minor: bump the major when a field changes meaning, the minor when one is added
+
+
+@dataclass(frozen=True)
+class Event:
+    type: ClassVar[str] = "event"
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type}
+        for f in dataclasses.fields(self):
+            out[f.name] = _jsonable(getattr(self, f.name))
+        return out
+
+    @staticmethod
+    def from_json(data: Mapping[str, Any]) -> "Event":
+        """Rebuild an event from its JSON dict. Unknown fields (from a newer minor version) are ignored."""
+        etype = data.get("type")
+        cls = EVENT_TYPES.get(etype) if isinstance(etype, str) else None
+        if cls is None:
+            raise ValueError(f"unknown event type {etype!r}")
+        names = {f.name: f for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in data.items() if k in names}
+        if cls is TokenEvent and "layer_entropies" in kwargs and kwargs["layer_entropies"] is not None:
+            kwargs["layer_entropies"] = {int(k): float(v) for k, v in kwargs["layer_entropies"].items()}
+        for name in ("top_tokens", "candidates"):
+            if name in kwargs and kwargs[name] is not None:
+                kwargs[name] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[name])
+        try:
+            return cls(**kwargs)
+        except TypeError as exc:
+            raise ValueError(f"bad '{etype}' event: {exc}") from None
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, float):
+        return round(value, 6)
+    return value
+
+
+@dataclass(frozen=True)
+class SessionStart(Event):
+    """First line of a session file: what produced it."""
+
+    type: ClassVar[str] = "session_start"
+    schema_version: str = SCHEMA_VERSION
+    model: str = ""
+    num_layers: int = 0
+    config: Mapping[str, Any] = field(default_factory=dict)
+    created: float = 0.0  # unix time
+    app_version: str = ""
+
+
+@dataclass(frozen=True)
+class UserMessage(Event):
+    type: ClassVar[str] = "user_message"
+    text: str = ""
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationStart(Event):
+    type: ClassVar[str] = "generation_start"
+    generation_id: int = 0
+    mode: str = "full"
+    prompt_tokens: int = 0
+    max_new_tokens: int = 0
+    tau_low: float = 0.0
+    tau_high: float = 0.0
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    num_layers: int = 0
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class TokenEvent(Event):
+    """One generated token. `exit_layer` is the number of decoder layers that ran for it (= num_layers at full
+    depth). `layer_entropies` maps a layer index (1-based: the output of layer i) to the entropy in bits seen
+    there, for the layers that were checked (all of them when tracing)."""
+
+    type: ClassVar[str] = "token"
+    generation_id: int = 0
+    index: int = 0
+    token_id: int = 0
+    text: str = ""
+    exit_layer: int = 0
+    num_layers: int = 0
+    entropy_bits: float = 0.0
+    confidence: float = 0.0
+    decision: str = "full"  # full | exit | o1
+    draft: str | None = None  # None | accepted | rejected | verified
+    layer_entropies: Mapping[int, float] | None = None
+    top_tokens: tuple[tuple[str, float], ...] = ()
+    time_ms: float = 0.0
+    position: int = 0  # absolute position in the sequence (prompt included)
+
+
+@dataclass(frozen=True)
+class O1Event(Event):
+    type: ClassVar[str] = "o1"
+    generation_id: int = 0
+    index: int = 0
+    entropy_bits: float = 0.0
+    varentropy: float = 0.0
+    candidates: tuple[Mapping[str, Any], ...] = ()  # {token_id, text, score, rollout}
+    choice: int = 0  # token id committed
+    extra_forward_passes: int = 0
+    time_ms: float = 0.0
+
+
+@dataclass(frozen=True)
+class ThresholdChange(Event):
+    type: ClassVar[str] = "threshold_change"
+    tau_low: float = 0.0
+    tau_high: float = 0.0
+    source: str = "user"  # user | config | calibration
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class ModeChange(Event):
+    type: ClassVar[str] = "mode_change"
+    mode: str = "full"
+    enable_o1_reasoning: bool = False
+    enable_ghost_kv: bool = False
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something the user should know that is not an error (e.g. a fallback that was taken)."""
+
+    type: ClassVar[str] = "notice"
+    message: str = ""
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class GenerationEnd(Event):
+    type: ClassVar[str] = "generation_end"
+    generation_id: int = 0
+    tokens: int = 0
+    tok_per_s: float = 0.0
+    skip_ratio: float = 0.0
+    avg_exit_layer: float = 0.0
+    stop_reason: str = ""  # eos | stop_string | max_tokens | cancelled | error
+    text: str = ""
+    elapsed_s: float = 0.0
+    prefill_s: float = 0.0
+    o1_triggers: int = 0
+    time: float = 0.0
+
+
+@dataclass(frozen=True)
+class ErrorEvent(Event):
+    type: ClassVar[str] = "error"
+    message: str = ""
+    where: str = ""
+    time: float = 0.0
+
+
+EVENT_TYPES: dict[str, type[Event]] = {
+    cls.type: cls
+    for cls in (
+        SessionStart,
+        UserMessage,
+        GenerationStart,
+        TokenEvent,
+        O1Event,
+        ThresholdChange,
+        ModeChange,
+        Notice,
+        GenerationEnd,
+        ErrorEvent,
+    )
+}
+
+Subscriber = Callable[[Event], None]
+
+
+class EventBus:
+    """Publish from any thread; subscribers run synchronously in the publisher's thread, so they must be quick
+    (hand the event to a queue or `post_message` it). A subscriber that raises is logged and kept."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._subscribers: list[Subscriber] = []
+
+    def subscribe(self, callback: Subscriber) -> Callable[[], None]:
+        with self._lock:
+            self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            with self._lock:
+                if callback in self._subscribers:
+                    self._subscribers.remove(callback)
+
+        return unsubscribe
+
+    def subscribe_queue(self, maxsize: int = 0) -> tuple["queue.Queue[Event]", Callable[[], None]]:
+        """A queue that receives every event from now on, and the function that stops it."""
+        q: queue.Queue[Event] = queue.Queue(maxsize)
+        return q, self.subscribe(q.put)
+
+    def publish(self, event: Event) -> None:
+        with self._lock:
+            subscribers = list(self._subscribers)
+        for callback in subscribers:
+            try:
+                callback(event)
+            except Exception:  # a broken subscriber must not stop inference
+                log.exception("event subscriber %r failed on %s", callback, event.type)

@@ -1,0 +1,100 @@
+"""Shared fixtures: tiny random Llama and Qwen2 models with a small byte-level BPE tokenizer, built in seconds."""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+CORPUS = [
+    "The capital of France is Paris. The capital of Italy is Rome.",
+    "def add(a, b):\n    return a + b\n",
+    "Entropy measures how uncertain the model is about the next token.",
+    "Hello! How can I help you today? 1 2 3 4 5 6 7 8 9 10",
+    "SEDAC exits early when the next token is easy, and thinks harder when it is hard.",
+]
+
+
+@functools.lru_cache(maxsize=None)
+def _tokenizer_json() -> str:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE(unk_token=None))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(CORPUS, trainer)
+    return tok.to_str()
+
+
+def make_tokenizer(chat_template: str | None = CHATML):
+    from tokenizers import Tokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=Tokenizer.from_str(_tokenizer_json()),
+        eos_token="<|im_end|>",
+        bos_token="<|endoftext|>",
+        pad_token="<|endoftext|>",
+    )
+    if chat_template is not None:
+        tok.chat_template = chat_template
+    return tok
+
+
+def make_tiny_model(arch: str = "llama", *, layers: int = 4, seed: int = 0, vocab_size: int | None = None):
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    common = dict(
+        vocab_size=vocab_size or 400,  # = the test tokenizer's size
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+        bos_token_id=0,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    if arch == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common))
+    elif arch == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(**common))
+    else:
+        raise ValueError(arch)
+    # random init gives near-uniform logits; sharpen them so greedy decoding is not a coin toss on ties
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    return model.eval()
+
+
+def make_bundle(arch: str = "llama", *, layers: int = 4, seed: int = 0, chat_template: str | None = CHATML):
+    from sedac_core.models import ModelBundle
+
+    return ModelBundle.from_model(make_tiny_model(arch, layers=layers, seed=seed), make_tokenizer(chat_template),
+                                  name=f"tiny-{arch}")
+
+
+@pytest.fixture
+def tiny_llama_bundle():
+    return make_bundle("llama")
+
+
+@pytest.fixture
+def tiny_qwen2_bundle():
+    return make_bundle("qwen2")
