@@ -291,7 +291,6 @@ class SedacEngine:
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
         prefill_s = time.perf_counter() - t0
         step_ms = prefill_s * 1000
-        visible_text = ""
         for index in range(max_new):
             stats = token_stats(logits.unsqueeze(0), self._tau_low, self._tau_high)
             argmax = int(stats.argmax[0])
@@ -305,20 +304,14 @@ class SedacEngine:
                 (self.bundle.tokenizer.decode([int(i)]), round(float(torch.exp(v - lse)), 6))
                 for v, i in zip(probs_top.values, probs_top.indices)
             )
+            shown = len(text.text)
             delta = text.push(token_id)
             token_ids.append(token_id)
             exit_layers.append(self.num_layers)
             is_eos = token_id in self._eos
-            stop_hit = None
-            if stops and not is_eos:
-                for s in stops:
-                    at = text.text.find(s, max(0, len(visible_text) - len(s)))
-                    if at != -1:
-                        stop_hit = at
-                        break
-            if stop_hit is not None:
-                delta = text.text[len(visible_text):stop_hit]
-            visible_text += delta
+            stop_at = self._find_stop(text.text, stops, shown) if stops and not is_eos else -1
+            if stop_at >= 0:
+                delta = text.text[shown:stop_at]
             yield self._emit(TokenEvent(
                 generation_id=gid, index=index, token_id=token_id, text=delta, exit_layer=self.num_layers,
                 num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),
@@ -328,7 +321,7 @@ class SedacEngine:
             if is_eos:
                 stop_reason = "eos"
                 break
-            if stop_hit is not None:
+            if stop_at >= 0:
                 stop_reason = "stop_string"
                 break
             if cancel is not None and cancel.is_set():
@@ -342,13 +335,22 @@ class SedacEngine:
             step_ms = (time.perf_counter() - t0) * 1000
             pos += 1
         elapsed = time.perf_counter() - t_start
+        final_text = self.bundle.tokenizer.decode(token_ids, skip_special_tokens=True)
+        if stop_reason == "stop_string":
+            final_text = final_text[: self._find_stop(final_text, stops, 0)]
         n = len(token_ids)
         avg_exit = sum(exit_layers) / n if n else 0.0
         yield self._emit(GenerationEnd(
             generation_id=gid, tokens=n, tok_per_s=n / elapsed if elapsed > 0 else 0.0,
             skip_ratio=1.0 - avg_exit / self.num_layers if n else 0.0, avg_exit_layer=avg_exit,
-            stop_reason=stop_reason, text=visible_text, elapsed_s=elapsed, prefill_s=prefill_s, time=time.time(),
+            stop_reason=stop_reason, text=final_text, elapsed_s=elapsed, prefill_s=prefill_s, time=time.time(),
         ))
+
+    @staticmethod
+    def _find_stop(text: str, stops: tuple[str, ...], shown: int) -> int:
+        """Where the first stop string starts in `text`, looking only where new text could complete one."""
+        hits = [at for s in stops if (at := text.find(s, max(0, shown - len(s) + 1))) != -1]
+        return min(hits) if hits else -1
 
     def _choose(self, logits: torch.Tensor, req: GenerationRequest, generator: torch.Generator | None,
                 argmax: int) -> int:
