@@ -53,10 +53,18 @@ class Layer:
             setattr(self, k, v)
 
 
-def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.Tensor | None]:
+def _fuse_linears(linears: list[torch.nn.Linear], transposed: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Concatenate the weights of linears that read the same input into one matrix, and point each module's
-    parameters at views of it, so one matmul replaces several and no weight is held twice."""
-    weight = torch.cat([m.weight.data for m in linears], dim=0).contiguous()
+    parameters at views of it, so one matmul replaces several and no weight is held twice.
+
+    With `transposed`, the matrix is stored input-major ([in, out] in memory, returned as its [out, in] view):
+    on CPU a one-row matmul streams that layout about 1.6x faster than the usual [out, in] one (measured on
+    SmolLM2's shapes: 17 vs 11 GB/s), and decoding is bound by exactly that read of the weights."""
+    if transposed:
+        storage = torch.cat([m.weight.data.t() for m in linears], dim=1).contiguous()  # [in, sum(out)]
+        weight = storage.t()
+    else:
+        weight = torch.cat([m.weight.data for m in linears], dim=0).contiguous()
     has_bias = [m.bias is not None for m in linears]
     bias = None
     if any(has_bias):
@@ -74,14 +82,37 @@ def _fuse_linears(linears: list[torch.nn.Linear]) -> tuple[torch.Tensor, torch.T
     return weight, bias
 
 
+def _relayout_lm_head(model: Any) -> None:
+    """Store the LM head input-major too (shared with the embeddings when they are tied: a row lookup works on
+    either layout)."""
+    head = model.lm_head
+    new = torch.nn.Parameter(head.weight.data.t().contiguous().t(), requires_grad=False)
+    embed = model.get_input_embeddings()
+    if embed.weight is head.weight:
+        embed.weight = new
+    head.weight = new
+
+
+def wants_input_major(device: Any) -> bool:
+    return torch.device(device).type == "cpu"
+
+
 class Anatomy:
     """The model seen as a stack the engine can drive one layer at a time."""
 
-    def __init__(self, model: Any) -> None:
+    def __init__(self, model: Any, input_major: bool | None = None) -> None:
+        """Wraps `model` for layer-by-layer decoding. On CPU (or with input_major=True) the weights are re-laid
+        input-major in place (see _fuse_linears): the model stays usable, with the same values, by its own
+        forward and generate, which then differ from a freshly loaded copy only by float rounding."""
         config = model.config
         self.spec = check_supported(config)
         self.config = config
         base = model.model
+        device = next(model.parameters()).device
+        self.input_major = wants_input_major(device) if input_major is None else input_major
+        if self.input_major and not getattr(model, "_sedac_input_major", False):
+            with torch.no_grad():
+                _relayout_lm_head(model)
         self.embed_tokens = base.embed_tokens
         self.rotary_emb = base.rotary_emb
         self.final_norm_w = base.norm.weight
@@ -107,8 +138,11 @@ class Anatomy:
         with torch.no_grad():
             for i, mod in enumerate(base.layers):
                 attn, mlp = mod.self_attn, mod.mlp
-                qkv_w, qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj])
-                gu_w, gu_b = _fuse_linears([mlp.gate_proj, mlp.up_proj])
+                qkv_w, qkv_b = _fuse_linears([attn.q_proj, attn.k_proj, attn.v_proj], self.input_major)
+                gu_w, gu_b = _fuse_linears([mlp.gate_proj, mlp.up_proj], self.input_major)
+                if self.input_major and not getattr(model, "_sedac_input_major", False):
+                    _fuse_linears([attn.o_proj], True)
+                    _fuse_linears([mlp.down_proj], True)
                 lwin = window
                 if layer_types is not None and i < len(layer_types) and layer_types[i] != "sliding_attention":
                     lwin = None
@@ -130,6 +164,7 @@ class Anatomy:
                         window=int(lwin) if lwin else None,
                     )
                 )
+        model._sedac_input_major = self.input_major
         self.q_size = self.num_heads * self.head_dim
         self.kv_size = self.num_kv_heads * self.head_dim
 

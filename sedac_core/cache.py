@@ -62,7 +62,8 @@ class StaticKVCache:
         """Forget positions >= length (rollback after rejected drafts, or before a new prompt)."""
         length = max(0, min(length, self.length))
         if length < self.capacity:
-            self.fill[:, length:] = FILL_EMPTY
+            with torch.inference_mode():  # the buffers are inference tensors (made inside the decode loop)
+                self.fill[:, length:] = FILL_EMPTY
         self.length = length
         del self.token_ids[length:]
 

@@ -71,6 +71,7 @@ class ModelBundle:
     chat: ChatFormat
     fingerprint: str
     source: str = ""  # where it was loaded from (a path), for `info` and session headers
+    model_dir: str = ""  # the Hugging Face directory the weights came from (the GGUF cache for .gguf files)
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -350,15 +351,91 @@ def load_model_dir(
     except Exception as exc:
         raise ModelLoadError(f"{model_dir}: cannot load the tokenizer ({_one_line(exc)}); copy tokenizer files there") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(
-            str(model_dir), local_files_only=True, dtype=torch_dtype, device_map=dev if dev != "cpu" else None
-        )
+        model = None
+        if dev == "cpu":
+            model = _load_cpu_lean(model_dir, config, torch_dtype)
+        if model is None:
+            model = AutoModelForCausalLM.from_pretrained(
+                str(model_dir), local_files_only=True, dtype=torch_dtype, device_map=dev if dev != "cpu" else None
+            )
     except Exception as exc:
         raise ModelLoadError(f"{model_dir}: cannot load the weights ({_one_line(exc)}); are they complete?") from None
     bundle = ModelBundle.from_model(model, tokenizer, name=name, source=source or str(model_dir))
+    bundle.model_dir = str(model_dir)
     if progress:
         progress(f"{name} loaded")
     return bundle
+
+
+_ST_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64"}
+
+
+def _load_cpu_lean(model_dir: Path, config: Any, dtype: Any) -> Any | None:
+    """Build the model with uninitialised storage and read each safetensors tensor straight into it with plain
+    file reads. Unlike from_pretrained's memory-mapped load, the file's pages never count as this process's
+    memory, so the chat's peak stays at one copy of the weights (~540 MB fp32 for SmolLM2-135M, not ~1.1 GB).
+    Returns None (caller falls back to from_pretrained) for anything it does not recognise."""
+    import struct
+
+    import torch
+    from transformers import AutoModelForCausalLM, GenerationConfig
+
+    files = sorted(model_dir.glob("*.safetensors"))
+    if not files:
+        return None
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model.to_empty(device="cpu")
+    params = dict(model.named_parameters(remove_duplicate=False))
+    loaded: set[str] = set()
+    for f in files:
+        with f.open("rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            header = json.loads(fh.read(n))
+            base = 8 + n
+            for name, info in header.items():
+                if name == "__metadata__":
+                    continue
+                param = params.get(name)
+                if param is None or info.get("dtype") not in _ST_DTYPES:
+                    return None
+                start, end = info["data_offsets"]
+                src_dtype = getattr(torch, _ST_DTYPES[info["dtype"]])
+                if list(param.shape) != list(info["shape"]):
+                    return None
+                fh.seek(base + start)
+                with torch.no_grad():
+                    if src_dtype == param.dtype and param.data.is_contiguous():
+                        target = param.data
+                    else:
+                        target = torch.empty(info["shape"], dtype=src_dtype)
+                    buf = target.view(torch.uint8).reshape(-1).numpy()
+                    if fh.readinto(memoryview(buf)) != end - start:
+                        return None
+                    if target is not param.data:
+                        param.data.copy_(target)
+                loaded.add(name)
+    model.tie_weights()
+    missing = [k for k in model.state_dict() if k not in loaded and model.get_parameter(k) is not None
+               and not _is_tied(model, k)]
+    if missing:
+        return None
+    # to_empty left non-persistent buffers (the rotary inverse frequencies) uninitialised: rebuild them
+    for module in model.modules():
+        if hasattr(module, "inv_freq") and hasattr(module, "config"):
+            fresh = type(module)(config=module.config)
+            for bname, buf in fresh.named_buffers(recurse=False):
+                setattr(module, bname, buf)
+            if hasattr(fresh, "attention_scaling"):
+                module.attention_scaling = fresh.attention_scaling
+    if (model_dir / "generation_config.json").is_file():
+        model.generation_config = GenerationConfig.from_pretrained(str(model_dir))
+    return model.eval()
+
+
+def _is_tied(model: Any, key: str) -> bool:
+    tied = getattr(model, "_tied_weights_keys", None) or {}
+    return bool(getattr(model.config, "tie_word_embeddings", False)) and key in tied
 
 
 def _quiet_transformers() -> None:

