@@ -1,0 +1,823 @@
+"""SedacChatApp: the layout, the key bindings and the wiring of an event source (a live engine or a replayed session)
+to the widgets; plus the entry points the CLI calls (run_chat, run_replay) and the theme files loader."""
+
+from __future__ import annotations
+
+import collections
+import datetime as _dt
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable
+
+from textual import on
+from textual.app import App, ComposeResult, SystemCommand
+from textual.binding import Binding
+from textual.containers import Container, Horizontal, Vertical
+from textual.message import Message
+from textual.screen import Screen
+from textual.theme import BUILTIN_THEMES, Theme
+from textual.widgets import Footer, Input
+
+from sedac_core.config import SedacConfig
+from sedac_core.errors import ConfigError, SedacError
+from sedac_core.events import (
+    ErrorEvent,
+    Event,
+    EventBus,
+    GenerationEnd,
+    GenerationStart,
+    ModeChange,
+    Notice,
+    O1Event,
+    SessionStart,
+    ThresholdChange,
+    TokenEvent,
+    UserMessage,
+)
+from sedac_core.session import Session, SessionRecorder, read_session
+
+from .sources import LiveSource, ReplayProgress, ReplaySource, SourceFinished
+from .widgets import (
+    Conversation,
+    EntropySparkline,
+    ExitHeatmap,
+    HelpScreen,
+    O1List,
+    ReplayBar,
+    StatsBar,
+    TokenInspector,
+    ViewState,
+)
+from .widgets.colors import DEFAULTS as PANEL_COLOR_DEFAULTS
+
+log = logging.getLogger(__name__)
+
+THEMES_DIR = Path(__file__).resolve().parent.parent / "themes"
+DEFAULT_THEME = "sedac-dark"
+TAU_LOW_STEP = 0.1
+TAU_HIGH_STEP = 0.25
+THEME_SUFFIXES = (".yaml", ".yml")
+
+EngineFactory = Callable[[EventBus, Callable[[str], None]], Any]
+
+
+# --------------------------------------------------------------------------------------------------------------
+# themes
+
+
+def _user_themes_dir(config_dir: Path | None) -> Path:
+    if config_dir is None:
+        from sedac_core.paths import config_dir as default_config_dir
+
+        config_dir = default_config_dir()
+    return Path(config_dir) / "themes"
+
+
+def load_theme_file(path: Path) -> Theme:
+    """A theme file is YAML with Textual `Theme` fields (name, primary, background, ..., variables)."""
+    import dataclasses
+
+    import yaml
+
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as exc:
+        raise ConfigError(f"theme file {path}: cannot read it ({exc.__class__.__name__}); fix or remove it") from None
+    if not isinstance(data, dict) or "primary" not in data:
+        raise ConfigError(f"theme file {path}: expected a mapping with at least 'primary' (and usually 'name')")
+    known = {f.name for f in dataclasses.fields(Theme)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"theme file {path}: unknown keys {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
+    data.setdefault("name", path.stem)
+    variables = data.get("variables") or {}
+    if not isinstance(variables, dict):
+        raise ConfigError(f"theme file {path}: 'variables' must map variable names to colours")
+    data["variables"] = {str(k): str(v) for k, v in variables.items()}
+    try:
+        return Theme(**data)
+    except TypeError as exc:
+        raise ConfigError(f"theme file {path}: {exc}") from None
+
+
+def load_themes(config_dir: Path | None = None) -> tuple[dict[str, Theme], dict[str, ConfigError]]:
+    """The app's themes (themes/) then the user's ($XDG_CONFIG_HOME/sedac-chat/themes/, which may override them);
+    broken files are returned as errors by file stem rather than stopping the app."""
+    themes: dict[str, Theme] = {}
+    errors: dict[str, ConfigError] = {}
+    for folder in (THEMES_DIR, _user_themes_dir(config_dir)):
+        if not folder.is_dir():
+            continue
+        for path in sorted(folder.iterdir()):
+            if path.suffix not in THEME_SUFFIXES:
+                continue
+            try:
+                theme = load_theme_file(path)
+            except ConfigError as exc:
+                errors[path.stem] = exc
+                continue
+            themes[theme.name] = theme
+    return themes, errors
+
+
+def available_themes(config_dir: Path | None = None) -> list[str]:
+    """SEDAC's themes and the user's first, then Textual's built-in ones."""
+    themes, _ = load_themes(config_dir)
+    return list(themes) + [name for name in BUILTIN_THEMES if name not in themes]
+
+
+def resolve_theme(name: str | None, config_dir: Path | None = None) -> str:
+    name = name or DEFAULT_THEME
+    themes, errors = load_themes(config_dir)
+    if name in themes or name in BUILTIN_THEMES:
+        return name
+    if name in errors:
+        raise errors[name]
+    if name == DEFAULT_THEME:  # the themes/ folder is missing (e.g. a non-editable install): don't refuse to start
+        return "textual-dark"
+    names = list(themes) + [n for n in BUILTIN_THEMES if n not in themes]
+    raise ConfigError(f"unknown theme '{name}'; available themes: {', '.join(names)}")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# messages from the worker threads
+
+
+class EventsAvailable(Message):
+    """Something is waiting in the app's inbox. Coalesces: one drain handles a whole burst of tokens."""
+
+    def can_replace(self, message: Message) -> bool:
+        return isinstance(message, EventsAvailable)
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    text: str
+
+
+@dataclass(frozen=True)
+class ModelReady:
+    engine: Any
+
+
+@dataclass(frozen=True)
+class ModelFailed:
+    error: str
+
+
+# --------------------------------------------------------------------------------------------------------------
+# bindings: every action has an id (remappable through config tui.keymap) and a modifier/function-key alternative
+# to its single-character key, so it also works while the prompt has focus.
+
+BINDINGS: list[Binding] = [
+    Binding("f1,question_mark", "help", "Help", id="help"),
+    Binding("escape", "cancel", "Stop / leave input", id="cancel"),
+    Binding("left_square_bracket,f5", "tau_low(-1)", "Lower tau_low", show=False, id="tau_low_down"),
+    Binding("right_square_bracket,f6", "tau_low(1)", "Raise tau_low", show=False, id="tau_low_up"),
+    Binding("left_curly_bracket,f7", "tau_high(-1)", "Lower tau_high", show=False, id="tau_high_down"),
+    Binding("right_curly_bracket,f8", "tau_high(1)", "Raise tau_high", show=False, id="tau_high_up"),
+    Binding("f4,m", "cycle_mode", "Mode", id="cycle_mode"),
+    Binding("o,f9", "toggle_o1", "O1 reasoning", show=False, id="toggle_o1"),
+    Binding("g,f10", "toggle_ghost_kv", "Ghost KV", show=False, id="toggle_ghost_kv"),
+    Binding("c,f3", "calibrate", "Re-calibrate", show=False, id="calibrate"),
+    Binding("t,ctrl+t", "cycle_theme", "Theme", show=False, id="cycle_theme"),
+    Binding("ctrl+s", "save_theme", "Save theme to config", show=False, id="save_theme"),
+    Binding("f2,i", "inspector", "Inspect", id="inspector"),
+    Binding("p,f12", "toggle_panels", "Panels", show=False, id="toggle_panels"),
+    Binding("slash", "focus_prompt", "Type", show=False, id="focus_prompt"),
+    Binding("space", "replay_pause", "Pause", id="replay_pause"),
+    Binding("right", "replay_step", "Step", id="replay_step"),
+    Binding("plus,equals_sign", "replay_speed(1)", "Faster", show=False, id="replay_faster"),
+    Binding("minus", "replay_speed(-1)", "Slower", show=False, id="replay_slower"),
+]
+LIVE_ONLY = {"tau_low", "tau_high", "cycle_mode", "toggle_o1", "toggle_ghost_kv", "calibrate", "focus_prompt"}
+REPLAY_ONLY = {"replay_pause", "replay_step", "replay_speed"}
+BINDING_IDS = [b.id for b in BINDINGS if b.id] + ["app.quit", "app.command_palette"]
+
+
+def check_keymap(keymap: dict[str, str]) -> None:
+    unknown = [k for k in keymap if k not in BINDING_IDS and k not in ("quit", "command_palette")]
+    if unknown:
+        raise ConfigError(f"tui.keymap: unknown binding id(s) {', '.join(unknown)}; known ids: {', '.join(BINDING_IDS)}")
+
+
+class SedacChatApp(App[None]):
+    """One app for both live chat (pass `engine_factory`) and replay (pass `session`)."""
+
+    CSS_PATH = "app.tcss"
+    TITLE = "SEDAC Chat"
+    BINDINGS = BINDINGS  # type: ignore[assignment]
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (110, "-wide")]
+
+    def __init__(
+        self,
+        *,
+        config: SedacConfig | None = None,
+        engine_factory: EngineFactory | None = None,
+        session: Session | None = None,
+        speed: float = 1.0,
+        replay_paused: bool = False,
+        record_path: Path | None = None,
+        theme: str | None = None,
+        config_dir: Path | None = None,
+        cursor_blink: bool = True,
+        max_gap_s: float = 2.0,
+    ) -> None:
+        if (engine_factory is None) == (session is None):
+            raise ValueError("pass exactly one of engine_factory (live chat) or session (replay)")
+        self.config = config or SedacConfig()
+        self._engine_factory = engine_factory
+        self._session = session
+        self._speed = speed
+        self._replay_paused = replay_paused
+        self._max_gap_s = max_gap_s
+        self._record_path = record_path
+        self._config_dir = config_dir
+        self._cursor_blink = cursor_blink
+        self.replay_mode = session is not None
+        super().__init__()
+        self._sedac_themes, self._theme_errors = load_themes(config_dir)
+        for t in self._sedac_themes.values():
+            self.register_theme(t)
+        self.theme = resolve_theme(theme or self.config.tui.theme, config_dir)
+        self.bus = EventBus()
+        self.state = ViewState(tau_low=self.config.tau_low, tau_high=self.config.tau_high,
+                               mode=self.config.sedac.mode,
+                               enable_o1_reasoning=self.config.sedac.enable_o1_reasoning,
+                               enable_ghost_kv=self.config.sedac.enable_ghost_kv)
+        self.engine: Any = None
+        self.live: LiveSource | None = None
+        self.replay: ReplaySource | None = None
+        self.recorder: SessionRecorder | None = None
+        self.history: list[dict[str, str]] = []
+        self.pending_prompts: list[str] = []
+        self._unrecorded: list[Event] = []
+        self._inbox: collections.deque[object] = collections.deque()
+        self._unsubscribe = self.bus.subscribe(self._deliver)
+        self._turn_ended = False
+        self._loader: threading.Thread | None = None
+        if self.config.tui.keymap:
+            check_keymap(self.config.tui.keymap)
+
+    # -- layout -------------------------------------------------------------------------------------------------
+    def compose(self) -> ComposeResult:
+        with Vertical(id="top"):
+            yield ReplayBar(id="replay-bar")
+            yield StatsBar(self.state, id="stats")
+        with Horizontal(id="body"):
+            with Vertical(id="chat"):
+                yield Conversation(id="conversation")
+                with Container(id="inspector-box", classes="panel") as box:
+                    box.border_title = "token inspector"
+                    yield TokenInspector(self.state, id="inspector")
+                prompt = Input(
+                    placeholder="replay: input disabled" if self.replay_mode
+                    else "Ask something… (Enter: send · Esc: stop / leave the box)",
+                    id="prompt",
+                    disabled=self.replay_mode,
+                )
+                prompt.cursor_blink = self._cursor_blink
+                yield prompt
+            with Vertical(id="panels"):
+                with Container(id="spark-box", classes="panel") as box:
+                    box.border_title = "entropy (bits) per token"
+                    yield EntropySparkline(self.state, id="sparkline")
+                with Container(id="heat-box", classes="panel") as box:
+                    box.border_title = "exit layers"
+                    box.border_subtitle = "◆ exit ░ skipped ✓/✗ draft"
+                    yield ExitHeatmap(self.state, id="heatmap")
+                with Container(id="o1-box", classes="panel") as box:
+                    box.border_title = "O1 reasoning"
+                    yield O1List(self.state, id="o1-list")
+        yield Footer()
+
+    def get_theme_variable_defaults(self) -> dict[str, str]:
+        return dict(PANEL_COLOR_DEFAULTS)
+
+    def on_mount(self) -> None:
+        if self.config.tui.keymap:
+            self.set_keymap(dict(self.config.tui.keymap))
+        for name, error in self._theme_errors.items():
+            self.notify(str(error), title=f"theme {name} skipped", severity="warning")
+        if self.replay_mode:
+            self.screen.add_class("-replay")
+            self.sub_title = "replay"
+            self._start_replay()
+        else:
+            self.query_one("#prompt", Input).focus()
+            self._start_loading()
+
+    async def on_unmount(self) -> None:
+        self.shutdown()
+
+    def shutdown(self) -> None:
+        """Stop worker threads and close the recording (safe to call twice)."""
+        if self.live is not None:
+            self.live.close()
+        if self.replay is not None:
+            self.replay.close()
+        if self.recorder is not None:
+            self.recorder.close()
+            self.recorder = None
+        self._unsubscribe()
+
+    # -- the inbox: every thread hands its events/messages here, the UI drains it ----------------------------------
+    def _deliver(self, item: object) -> None:
+        """Thread-safe: queue the item and wake the UI (bursts collapse into one EventsAvailable)."""
+        self._inbox.append(item)
+        self.post_message(EventsAvailable())
+
+    async def on_events_available(self, _message: EventsAvailable) -> None:
+        panels_dirty = False
+        while self._inbox:
+            item = self._inbox.popleft()
+            panels_dirty |= await self._handle(item)
+        if panels_dirty:
+            self._refresh_panels()
+
+    async def _handle(self, item: object) -> bool:
+        conversation = self.query_one(Conversation)
+        if isinstance(item, Event):
+            if isinstance(item, UserMessage):
+                await conversation.add_user(item.text)
+                return False
+            self.state.apply(item)
+            if isinstance(item, SessionStart):
+                return True
+            if isinstance(item, GenerationStart):
+                self.state.status = "generating" if not self.replay_mode else "replay"
+                self._turn_ended = False
+                await conversation.start_answer()
+            elif isinstance(item, TokenEvent):
+                await conversation.append(item.text)
+            elif isinstance(item, GenerationEnd):
+                text = item.text or conversation.answer_text
+                await conversation.finish_answer(item, item.text or None)
+                if not self.replay_mode:
+                    self.history.append({"role": "assistant", "content": text})
+                    self._turn_ended = True
+            elif isinstance(item, ErrorEvent):
+                await conversation.finish_answer(None)
+                await conversation.add_notice(item.message, error=True)
+            elif isinstance(item, Notice):
+                await conversation.add_notice(item.message)
+            elif isinstance(item, (ThresholdChange, ModeChange, O1Event)):
+                pass
+            return True
+        if isinstance(item, SourceFinished):
+            return await self._finished(item)
+        if isinstance(item, ReplayProgress):
+            self.query_one(ReplayBar).update_progress(
+                position=item.position, total=item.total, tokens_shown=item.tokens_shown, speed=item.speed,
+                paused=item.paused, finished=item.finished)
+            return False
+        if isinstance(item, LoadProgress):
+            stats = self.query_one(StatsBar)
+            stats.load_message = item.text
+            stats.refresh()
+            return False
+        if isinstance(item, ModelReady):
+            await self._model_ready(item.engine)
+            return True
+        if isinstance(item, ModelFailed):
+            self.state.status = "error"
+            await conversation.add_notice(f"the model failed to load: {item.error}", error=True)
+            if self.pending_prompts:
+                await conversation.add_notice(f"{len(self.pending_prompts)} waiting prompt(s) cannot be answered")
+            return True
+        return False
+
+    async def _finished(self, item: SourceFinished) -> bool:
+        conversation = self.query_one(Conversation)
+        if item.kind == "replay":
+            self.state.status = "replay-done"
+            await conversation.add_notice(self._replay_summary())
+            return True
+        if conversation.streaming:  # cancelled or failed before generation_end
+            await conversation.finish_answer(None)
+        if not self._turn_ended and self.history and self.history[-1]["role"] == "user":
+            if item.error is not None:
+                self.history.pop()  # the turn failed: don't send it again with the next prompt
+        self.state.status = "ready"
+        self._send_next()
+        return True
+
+    def _refresh_panels(self) -> None:
+        for widget_id in ("#stats", "#sparkline", "#heatmap", "#o1-list", "#inspector"):
+            self.query_one(widget_id).refresh()
+
+    # -- live: loading, sending, recording ---------------------------------------------------------------------
+    def _start_loading(self) -> None:
+        assert self._engine_factory is not None
+        self.state.status = "loading"
+        factory = self._engine_factory
+
+        def load() -> None:
+            try:
+                engine = factory(self.bus, lambda text: self._deliver(LoadProgress(str(text))))
+            except SedacError as exc:
+                self._deliver(ModelFailed(str(exc)))
+            except Exception as exc:  # show anything, keep the app alive
+                log.exception("model load failed")
+                self._deliver(ModelFailed(f"{type(exc).__name__}: {exc}"))
+            else:
+                self._deliver(ModelReady(engine))
+
+        self._loader = threading.Thread(target=load, name="sedac-load-model", daemon=True)
+        self._loader.start()
+
+    async def _model_ready(self, engine: Any) -> None:
+        self.engine = engine
+        self.live = LiveSource(engine, self._deliver)
+        header = engine.session_header()
+        self.state.apply_header(header)
+        self.state.mode = engine.mode
+        self.state.tau_low, self.state.tau_high = engine.tau_low, engine.tau_high
+        self.state.num_layers = engine.num_layers
+        self.state.status = "ready"
+        self._open_recorder(header)
+        self._send_next()
+
+    def _open_recorder(self, header: SessionStart) -> None:
+        if self._record_path is None:
+            self.state.session_file = None
+            return
+        try:
+            self.recorder = SessionRecorder(self._record_path, header)
+        except SedacError as exc:
+            self.notify(str(exc), severity="error", timeout=10)
+            self.call_later(self.query_one(Conversation).add_notice, f"not recording: {exc}", error=True)
+            return
+        for event in self._unrecorded:  # messages typed while the model loaded
+            self.recorder.write(event)
+        self._unrecorded.clear()
+        self.recorder.attach(self.bus)
+        self.state.session_file = _display_path(self._record_path)
+
+    @on(Input.Submitted, "#prompt")
+    def _on_prompt(self, event: Input.Submitted) -> None:
+        text = event.value.strip()
+        event.input.clear()
+        if not text or self.replay_mode:
+            return
+        message = UserMessage(text=text, time=_now())
+        if self.recorder is None and self._record_path is not None:
+            self._unrecorded.append(message)
+        self.bus.publish(message)
+        self.pending_prompts.append(text)
+        if self.live is None:
+            if self.state.status == "error":
+                self.notify("the model failed to load; this prompt cannot be answered", severity="error")
+            else:
+                self.notify("the model is still loading; your prompt will be sent once it is ready")
+            return
+        self._send_next()
+
+    def _send_next(self) -> None:
+        if self.live is None or self.live.busy or not self.pending_prompts:
+            return
+        text = self.pending_prompts.pop(0)
+        self.history.append({"role": "user", "content": text})
+        self._turn_ended = False
+        gen = self.config.generation
+        from sedac_core.engine import GenerationRequest
+
+        request = GenerationRequest(messages=list(self.history), system=gen.system_prompt,
+                                    max_new_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                                    top_p=gen.top_p, seed=gen.seed)
+        self.state.status = "generating"
+        self.live.start(request)
+
+    # -- actions ------------------------------------------------------------------------------------------------
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in LIVE_ONLY and self.replay_mode:
+            return False
+        if action in REPLAY_ONLY and not self.replay_mode:
+            return False
+        if action == "cancel" and self.replay_mode and not self.screen.has_class("-inspecting"):
+            return False
+        return True
+
+    def _need_engine(self) -> bool:
+        if self.live is None:
+            self.notify("the model is still loading" if self.state.status != "error" else "no model is loaded",
+                        severity="warning")
+            return False
+        return True
+
+    def _control(self, fn: Callable[[], Any]) -> None:
+        try:
+            fn()
+        except SedacError as exc:
+            self.notify(str(exc), severity="warning")
+
+    def action_tau_low(self, direction: int) -> None:
+        if self._need_engine():
+            assert self.live is not None
+            value = round(self.engine.tau_low + direction * TAU_LOW_STEP, 4)
+            self._control(lambda: self.live.set_thresholds(tau_low=value))  # type: ignore[union-attr]
+
+    def action_tau_high(self, direction: int) -> None:
+        if self._need_engine():
+            assert self.live is not None
+            value = round(self.engine.tau_high + direction * TAU_HIGH_STEP, 4)
+            self._control(lambda: self.live.set_thresholds(tau_high=value))  # type: ignore[union-attr]
+
+    def action_cycle_mode(self) -> None:
+        if not self._need_engine():
+            return
+        modes = tuple(self.engine.available_modes)
+        if len(modes) <= 1:
+            self.notify(f"only the '{self.engine.mode}' mode is available with this engine", severity="warning")
+            return
+        current = self.engine.mode
+        nxt = modes[(modes.index(current) + 1) % len(modes)] if current in modes else modes[0]
+        self._control(lambda: self.live.set_mode(nxt))  # type: ignore[union-attr]
+
+    def feature_unavailable(self, feature: str) -> str | None:
+        """Why a feature toggle cannot work now, or None when it can."""
+        if self.replay_mode:
+            return "replay: the recorded session decides"
+        if self.engine is None:
+            return "the model is still loading"
+        features = getattr(self.engine, "features", None) or {}
+        if not features.get(feature, False):
+            return "not implemented by this engine yet"
+        return None
+
+    def _toggle(self, feature: str, label: str) -> None:
+        why = self.feature_unavailable(feature)
+        if why is not None:
+            self.notify(f"{label} is unavailable: {why}", severity="warning")
+            return
+        if feature == "o1":
+            value = not self.state.enable_o1_reasoning
+            self._control(lambda: self.live.set_features(o1=value))  # type: ignore[union-attr]
+        else:
+            value = not self.state.enable_ghost_kv
+            self._control(lambda: self.live.set_features(ghost_kv=value))  # type: ignore[union-attr]
+
+    def action_toggle_o1(self) -> None:
+        self._toggle("o1", "O1 reasoning")
+
+    def action_toggle_ghost_kv(self) -> None:
+        self._toggle("ghost_kv", "Ghost KV")
+
+    def calibrate_unavailable(self) -> str | None:
+        if self.engine is None:
+            return "the model is still loading"
+        if not callable(getattr(self.engine, "recalibrate", None)):
+            return "auto-calibration has not landed in this engine yet"
+        return None
+
+    def action_calibrate(self) -> None:
+        why = self.calibrate_unavailable()
+        if why is not None:
+            self.notify(f"re-calibration is unavailable: {why}", severity="warning")
+            return
+        if self.live is not None and self.live.busy:
+            self.notify("wait for the generation to finish before re-calibrating", severity="warning")
+            return
+        engine = self.engine
+
+        def run() -> None:
+            try:
+                engine.recalibrate()
+            except Exception as exc:
+                self.bus.publish(ErrorEvent(message=f"re-calibration failed: {exc}", where="calibration",
+                                            time=_now()))
+
+        threading.Thread(target=run, name="sedac-calibrate", daemon=True).start()
+        self.notify("re-calibrating thresholds on this session's data…")
+
+    def theme_cycle(self) -> list[str]:
+        return list(self._sedac_themes) or [DEFAULT_THEME]
+
+    def action_cycle_theme(self) -> None:
+        names = self.theme_cycle()
+        nxt = names[(names.index(self.theme) + 1) % len(names)] if self.theme in names else names[0]
+        self.theme = nxt
+        self._refresh_panels()
+
+    def user_config_path(self) -> Path:
+        if self._config_dir is not None:
+            return Path(self._config_dir) / "config.yaml"
+        from sedac_core.paths import config_dir
+
+        return config_dir() / "config.yaml"
+
+    def action_save_theme(self) -> None:
+        """Make the current theme the default: tui.theme in the user's config.yaml (created if missing)."""
+        path = self.user_config_path()
+        try:
+            saved = SedacConfig.load(path) if path.is_file() else SedacConfig()
+            saved.tui.theme = self.theme
+            saved.save(path)
+        except (SedacError, OSError) as exc:
+            self.notify(f"could not save the theme: {exc}", severity="error")
+            return
+        self.config.tui.theme = self.theme
+        self.notify(f"theme '{self.theme}' saved to {_display_path(path)}")
+
+    def action_inspector(self) -> None:
+        screen = self.screen
+        inspector = self.query_one(TokenInspector)
+        if screen.has_class("-inspecting"):
+            screen.remove_class("-inspecting")
+            self.state.selected = None
+            if self.replay_mode:
+                self.set_focus(None)
+            else:
+                self.query_one("#prompt", Input).focus()
+        else:
+            screen.add_class("-inspecting")
+            if self.state.tokens:
+                self.state.selected = len(self.state.tokens) - 1
+            inspector.focus()
+        self.refresh_bindings()
+        self._refresh_panels()
+
+    @on(TokenInspector.Moved)
+    def _inspector_moved(self) -> None:
+        self._refresh_panels()
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen(self.help_rows()))
+
+    def action_cancel(self) -> None:
+        if self.live is not None and self.live.cancel():
+            self.notify("stopping at the next token…", timeout=2)
+            return
+        if self.screen.has_class("-inspecting"):
+            self.action_inspector()
+            return
+        if isinstance(self.focused, Input):
+            self.set_focus(None)
+
+    def action_toggle_panels(self) -> None:
+        self.screen.toggle_class("-no-panels")
+
+    def action_focus_prompt(self) -> None:
+        self.query_one("#prompt", Input).focus()
+
+    def action_replay_pause(self) -> None:
+        if self.replay is not None:
+            self.replay.toggle_pause()
+
+    def action_replay_step(self) -> None:
+        if self.replay is not None:
+            self.replay.step()
+
+    def action_replay_speed(self, direction: int) -> None:
+        if self.replay is not None:
+            self.replay.faster() if direction > 0 else self.replay.slower()
+
+    # -- help and palette ---------------------------------------------------------------------------------------
+    def _keys_for(self, binding: Binding) -> str:
+        keys = self._keymap.get(binding.id, binding.key) if binding.id else binding.key
+        return ", ".join(self.get_key_display(Binding(k.strip(), "")) for k in keys.split(","))
+
+    def _unavailable_note(self, action: str) -> str:
+        name = action.split("(")[0]
+        if name in LIVE_ONLY and self.replay_mode:
+            return "live chat only"
+        if name in REPLAY_ONLY and not self.replay_mode:
+            return "replay only"
+        if name == "toggle_o1":
+            return self.feature_unavailable("o1") or ""
+        if name == "toggle_ghost_kv":
+            return self.feature_unavailable("ghost_kv") or ""
+        if name == "calibrate":
+            return self.calibrate_unavailable() or ""
+        if name == "cycle_mode" and self.engine is not None and len(tuple(self.engine.available_modes)) <= 1:
+            return f"only '{self.engine.mode}' available"
+        return ""
+
+    def help_rows(self) -> list[tuple[str, str, str]]:
+        rows = [(self._keys_for(b), b.description, self._unavailable_note(b.action)) for b in BINDINGS]
+        rows.append(("ctrl+p", "Command palette (every action)", ""))
+        rows.append(("ctrl+q", "Quit", ""))
+        rows.append(("tab / shift+tab", "Move focus (out of the input: single keys then act)", ""))
+        rows.append(("←/→ home/end", "In the inspector: move along the tokens", ""))
+        return rows
+
+    def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:
+        yield from super().get_system_commands(screen)
+        for binding in BINDINGS:
+            note = self._unavailable_note(binding.action)
+            if note in ("live chat only", "replay only"):
+                continue
+            help_text = f"keys: {self._keys_for(binding)}" + (f" · unavailable: {note}" if note else "")
+            yield SystemCommand(binding.description, help_text,
+                                lambda action=binding.action: self.call_later(self.run_action, action))
+
+    # -- replay -------------------------------------------------------------------------------------------------
+    def _start_replay(self) -> None:
+        assert self._session is not None
+        self.state.status = "replay"
+        bar = self.query_one(ReplayBar)
+        bar.file = self._session.path.name if self._session.path else ""
+        self.replay = ReplaySource(self._session, self.bus, self._deliver, speed=self._speed,
+                                   paused=self._replay_paused, max_gap_s=self._max_gap_s)
+        self.replay.start()
+
+    def _replay_summary(self) -> str:
+        s = self.state
+        gens = s.generations
+        parts = [f"replay finished: {gens} generation{'s' if gens != 1 else ''}", f"{len(s.tokens)} tokens"]
+        if s.tokens:
+            parts.append(f"avg exit layer {sum(t.exit_layer for t in s.tokens) / len(s.tokens):.1f}/{s.num_layers}")
+        if s.o1_events:
+            parts.append(f"O1×{len(s.o1_events)}")
+        if s.last_end is not None:
+            parts.append(f"last {s.last_end.tok_per_s:.1f} tok/s")
+        return " · ".join(parts)
+
+
+def _now() -> float:
+    import time
+
+    return time.time()
+
+
+def _display_path(path: Path | str | None) -> str:
+    if path is None:
+        return ""
+    p = Path(path)
+    try:
+        return "~/" + str(p.resolve().relative_to(Path.home().resolve()))
+    except ValueError:
+        return str(p)
+
+
+def default_record_path() -> Path:
+    from sedac_core.paths import sessions_dir
+
+    folder = sessions_dir()
+    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = folder / f"{stamp}.jsonl"
+    n = 1
+    while path.exists():
+        path = folder / f"{stamp}-{n}.jsonl"
+        n += 1
+    return path
+
+
+def check_recordable(path: Path) -> None:
+    """Fail before the UI opens when a recording could not be written (the recorder opens only once the model has
+    loaded, because the header names the model)."""
+    import os
+
+    from sedac_core.errors import SessionFileError
+
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise SessionFileError(
+            f"cannot record to {path}: {exc.strerror}; choose a writable path with --record or pass --no-record"
+        ) from None
+    if path.is_dir() or not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise SessionFileError(f"cannot record to {path}: not writable; choose a writable path with --record "
+                               "or pass --no-record")
+
+
+# --------------------------------------------------------------------------------------------------------------
+# entry points for the CLI
+
+
+def engine_factory_for(model: str | None, local: bool, config: SedacConfig) -> EngineFactory:
+    def factory(bus: EventBus, progress: Callable[[str], None]) -> Any:
+        from sedac_core.engine import SedacEngine
+        from sedac_core.models import load_model
+
+        bundle = load_model(model if model is not None else config.model.model_name,
+                            local=local or config.model.local, device=config.model.device,
+                            dtype=config.model.dtype, progress=progress)
+        progress("preparing the engine…")
+        return SedacEngine(bundle, config, bus)
+
+    return factory
+
+
+def run_chat(*, model: str | None, local: bool, config: SedacConfig, record: Path | None, no_record: bool,
+             theme: str | None) -> None:
+    """Open the chat app at once; the model loads in the background."""
+    theme_name = resolve_theme(theme or config.tui.theme)
+    check_keymap(config.tui.keymap)
+    record_path = None if no_record else (Path(record) if record is not None else default_record_path())
+    if record_path is not None:
+        check_recordable(record_path)
+    app = SedacChatApp(config=config, engine_factory=engine_factory_for(model, local, config),
+                       record_path=record_path, theme=theme_name)
+    app.run()
+
+
+def run_replay(path: Path, *, speed: float, theme: str | None, config: SedacConfig) -> None:
+    """Replay a recorded session. A missing or malformed file raises SessionFileError before any UI opens."""
+    session = read_session(path)
+    theme_name = resolve_theme(theme or config.tui.theme)
+    check_keymap(config.tui.keymap)
+    app = SedacChatApp(config=config, session=session, speed=speed, theme=theme_name)
+    app.run()
