@@ -68,12 +68,19 @@ class StaticKVCache:
         del self.token_ids[length:]
 
     def common_prefix(self, token_ids: list[int]) -> int:
+        """How many leading positions can be reused for `token_ids`: same tokens, and computed by every layer
+        (an entry filled in for a skipped layer is an approximation a later full-depth run must not inherit)."""
         n = 0
         for a, b in zip(self.token_ids, token_ids):
             if a != b:
                 break
             n += 1
-        return min(n, self.length)
+        n = min(n, self.length)
+        if n:
+            exact = (self.fill[:, :n] == FILL_COMPUTED).all(dim=0)
+            if not bool(exact.all()):
+                n = int((~exact).nonzero()[0, 0])
+        return n
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.keys + self.values)

@@ -10,7 +10,7 @@ from typing import Any
 
 from .errors import ConfigError
 
-MODES = ("full",)  # later issues extend this tuple (early_exit, lossless)
+MODES = ("full", "exit")  # later issues extend this tuple (lossless)
 KERNEL_BACKENDS = ("auto", "cuda", "cpp", "torch")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")

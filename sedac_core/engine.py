@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from .anatomy import Anatomy
-from .cache import StaticKVCache
+from .cache import FILL_PROPAGATED, StaticKVCache
 from .config import MODES, SedacConfig
 from .entropy import entropy_bits, token_stats
 from .errors import ConfigError, PromptTooLongError, SedacError
@@ -22,11 +22,14 @@ from .events import (
     GenerationEnd,
     GenerationStart,
     ModeChange,
+    Notice,
     SessionStart,
     ThresholdChange,
     TokenEvent,
 )
+from .exits import ExitHeads, ProfileError, find_profile
 from .models import ModelBundle
+from .policy import EXIT, ExitPolicy
 
 TAU_GAP = 0.05  # tau_low stays at least this far below tau_high
 TAU_MAX = 20.0
@@ -45,6 +48,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     mode: str | None = None  # None: the engine's current mode
     trace: bool = False  # entropy at every layer (a full LM head per layer: slow)
+    forced_tokens: list[int] | None = None  # teacher forcing (bench agreement): feed these, report own choices
     ignore_eos: bool = False  # never choose EOS: exactly max_new_tokens (benchmarks, parity tests)
 
     def conversation(self) -> list[dict[str, str]]:
@@ -136,12 +140,52 @@ class SedacEngine:
         self._settings_lock = threading.Lock()
         self._tau_low = self.config.tau_low
         self._tau_high = self.config.tau_high
+        self._tau_floor = self.config.sedac.entropy_threshold_min  # calibration may lower it
         self._mode = self.config.sedac.mode
         self._generation_id = 0
         self._cache: StaticKVCache | None = None
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._eos = bundle.eos_token_ids
+        self.exit_heads: ExitHeads | None = None
+        self.policy = ExitPolicy()
+        self.profile_dir = None
+        self.profile_notice = ""
+        self._load_profile()
+
+    def _load_profile(self) -> None:
+        """Exit heads (and their calibration) from the model's profile; without one, exit mode runs full depth."""
+        directory = find_profile(self.bundle.fingerprint)
+        if directory is None:
+            self.profile_notice = (f"no exit heads for {self.bundle.name}: exit mode runs at full depth; "
+                                   "train them with `sedac-chat train`")
+            return
+        try:
+            heads = ExitHeads.load(directory, hidden_size=self.anatomy.hidden_size)
+        except ProfileError as exc:
+            self.profile_notice = f"{exc}; exit mode runs at full depth"
+            return
+        self.use_exit_heads(heads)
+        self.profile_dir = directory
+
+    def use_exit_heads(self, heads: ExitHeads | None, apply_calibration: bool = True) -> None:
+        """Install (or remove) exit heads; apply their calibrated thresholds when auto_calibrate is on."""
+        if heads is None:
+            self.exit_heads = None
+            return
+        self.exit_heads = heads.to(self.device, self.dtype)
+        self.profile_notice = ""
+        cal = heads.meta.get("calibration") or {}
+        self.policy = ExitPolicy(min_layer=int(cal.get("min_layer", 1)),
+                                 layer_offsets={int(k): float(v) for k, v in cal.get("layer_offsets", {}).items()})
+        # K/V projections of every layer, for filling skipped layers (views: no copies)
+        a = self.anatomy
+        self._kv_proj = [(layer.qkv_w[a.q_size:], None if layer.qkv_b is None else layer.qkv_b[a.q_size:])
+                         for layer in a.layers]
+        if apply_calibration and self.config.sedac.auto_calibrate and "tau_low" in cal:
+            self._tau_floor = min(self._tau_floor, float(cal.get("entropy_threshold_min", cal["tau_low"])))
+            self.set_thresholds(tau_low=float(cal["tau_low"]), tau_high=float(cal.get("tau_high", self._tau_high)),
+                                source="calibration")
 
     # -- controls (thread-safe; applied from the next token) --------------------------------------------------
     @property
@@ -167,7 +211,7 @@ class SedacEngine:
 
     def set_thresholds(self, tau_low: float | None = None, tau_high: float | None = None,
                        source: str = "user") -> ThresholdChange:
-        floor = self.config.sedac.entropy_threshold_min
+        floor = self._tau_floor
         with self._settings_lock:
             hi = self._tau_high if tau_high is None else float(tau_high)
             lo = self._tau_low if tau_low is None else float(tau_low)
@@ -243,6 +287,52 @@ class SedacEngine:
             self._cos, self._sin = a.rope_tables(cache.capacity, self.device, self.dtype)
         return cache
 
+    def _forward_exit(self, token_id: int, pos: int) -> tuple[torch.Tensor, int, dict[int, float]]:
+        """One token with early exit: at each checked layer the probe estimates the exit's entropy; the first
+        below tau_low exits (one LM head, on the translated state), and the skipped layers' K/V at this position
+        are filled by propagating the exit hidden state through their norms and K/V projections."""
+        a = self.anatomy
+        heads = self.exit_heads
+        cache = self._cache
+        assert heads is not None and cache is not None and self._cos is not None and self._sin is not None
+        x = a.embed(torch.tensor([[token_id]], device=self.device))
+        cos = self._cos[pos : pos + 1]
+        sin = self._sin[pos : pos + 1]
+        checked = set(heads.layers)
+        tau_low = self._tau_low
+        estimates: dict[int, float] = {}
+        for layer in a.layers:
+            x = a.layer_forward(layer, x, cache, pos, cos, sin)
+            depth = layer.index + 1
+            if depth not in checked or depth < self.policy.min_layer:
+                continue
+            normed = a.rms_norm(heads.translate(depth, x[:, -1]), a.final_norm_w)
+            est = float(heads.predicted_entropy(depth, normed[0]))
+            estimates[depth] = est
+            if self.policy.decide(depth, est, tau_low) == EXIT and depth < self.num_layers:
+                self._fill_skipped(x, depth, pos, cos, sin)
+                cache.token_ids[pos:] = [token_id]
+                logits = torch.nn.functional.linear(normed, a.lm_head_w, a.lm_head_b)[0]
+                return logits, depth, estimates
+        cache.length = pos + 1
+        cache.token_ids[pos:] = [token_id]
+        return a.logits(x[:, -1])[0], self.num_layers, estimates
+
+    def _fill_skipped(self, x: torch.Tensor, depth: int, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        a = self.anatomy
+        cache = self._cache
+        assert cache is not None
+        h = x
+        for layer in a.layers[depth:]:
+            kv_w, kv_b = self._kv_proj[layer.index]
+            kv = torch.nn.functional.linear(a.rms_norm(h, layer.in_norm), kv_w, kv_b)
+            k, v = kv.view(1, 1, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).split(a.num_kv_heads, dim=1)
+            if layer.k_norm is not None:
+                k = a.rms_norm(k, layer.k_norm)
+            k = k * cos + torch.cat((-k[..., a.head_dim // 2:], k[..., : a.head_dim // 2]), dim=-1) * sin
+            cache.write(layer.index, pos, k, v, FILL_PROPAGATED)
+        cache.length = pos + 1
+
     def _forward(self, ids: list[int], start: int, trace: bool) -> tuple[torch.Tensor, dict[int, float] | None]:
         """Run all layers on tokens `ids` at positions start.. ; return the last position's logits."""
         a = self.anatomy
@@ -287,6 +377,13 @@ class SedacEngine:
         exit_layers: list[int] = []
         stop_reason = "max_tokens"
         pos = len(prompt_ids)
+        use_exit = mode == "exit" and self.exit_heads is not None
+        if mode == "exit" and self.exit_heads is None:
+            yield self._emit(Notice(message=self.profile_notice, time=time.time()))
+        forced = req.forced_tokens
+        if forced is not None:
+            max_new = min(max_new, len(forced))
+        cur_exit = self.num_layers  # the depth at which the current logits were produced
         t0 = time.perf_counter()
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
         prefill_s = time.perf_counter() - t0
@@ -307,15 +404,16 @@ class SedacEngine:
             shown = len(text.text)
             delta = text.push(token_id)
             token_ids.append(token_id)
-            exit_layers.append(self.num_layers)
-            is_eos = token_id in self._eos
+            exit_layers.append(cur_exit)
+            is_eos = token_id in self._eos and forced is None
             stop_at = self._find_stop(text.text, stops, shown) if stops and not is_eos else -1
             if stop_at >= 0:
                 delta = text.text[shown:stop_at]
             yield self._emit(TokenEvent(
-                generation_id=gid, index=index, token_id=token_id, text=delta, exit_layer=self.num_layers,
+                generation_id=gid, index=index, token_id=token_id, text=delta, exit_layer=cur_exit,
                 num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),
-                confidence=float(stats.max_prob[0]), decision="full", draft=None, layer_entropies=layer_ent,
+                confidence=float(stats.max_prob[0]), decision="exit" if cur_exit < self.num_layers else "full",
+                draft=None, layer_entropies=layer_ent,
                 top_tokens=top_tokens, time_ms=step_ms, position=pos,
             ))
             if is_eos:
@@ -330,8 +428,12 @@ class SedacEngine:
             if index == max_new - 1:
                 stop_reason = "max_tokens" if max_new == req.max_new_tokens else "context_full"
                 break
+            next_id = forced[index] if forced is not None else token_id
             t0 = time.perf_counter()
-            logits, layer_ent = self._forward([token_id], pos, req.trace)
+            if use_exit:
+                logits, cur_exit, layer_ent = self._forward_exit(next_id, pos)
+            else:
+                logits, layer_ent = self._forward([next_id], pos, req.trace)
             step_ms = (time.perf_counter() - t0) * 1000
             pos += 1
         elapsed = time.perf_counter() - t_start

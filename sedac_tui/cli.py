@@ -303,6 +303,113 @@ def bench(
                      echo=lambda s: typer.echo(s))
 
 
+class _Progress:
+    """A rich progress bar with ETA for long CPU jobs (train, calibrate)."""
+
+    def __init__(self, description: str) -> None:
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.percentage:>3.0f}%"),
+                            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
+        self.description = description
+        self.task = None
+
+    def __enter__(self) -> "_Progress":
+        self.bar.__enter__()
+        self.task = self.bar.add_task(self.description, total=1.0)
+        return self
+
+    def __call__(self, message: str, fraction: float) -> None:
+        self.bar.update(self.task, completed=fraction, description=f"{self.description}: {message}")
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+
+@app.command()
+@friendly
+def train(
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Training prompts, one per line (default: "
+                                           "the set shipped with the package)."),
+    tokens: int = typer.Option(16000, "--tokens", help="Stop generating training data after this many tokens."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer length per prompt."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Prompts generated together."),
+    kl_epochs: int = typer.Option(0, "--kl-epochs", help="Full-vocabulary KL epochs after the least-squares fit."),
+    target_agreement: float = typer.Option(0.98, "--target-agreement", help="Calibrate tau_low for this agreement."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Profile directory (default: the user cache, keyed by "
+                                       "the model's fingerprint)."),
+) -> None:
+    """Train the exit heads (translators + entropy probes) on the model's own answers, calibrate, save a profile."""
+    from sedac_core.calibration import calibrate_heads
+    from sedac_core.exits import (collect_exit_data, default_exit_layers, load_prompts, split_by_prompt,
+                                  train_exit_heads, user_profile_dir)
+    from sedac_core.models import load_model
+
+    cfg = _load_config(None)
+    bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
+    layers = default_exit_layers(bundle.num_layers)
+    texts = load_prompts(prompts)
+    with _Progress("collecting") as bar:
+        data = collect_exit_data(bundle, texts, layers, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                 max_tokens=tokens, progress=bar)
+    with _Progress("training") as bar:
+        heads, report = train_exit_heads(bundle, data, layers, kl_epochs=kl_epochs, progress=bar)
+    _, held_out = split_by_prompt(data)
+    cal = calibrate_heads(bundle, heads, held_out, target_agreement=target_agreement)
+    heads.meta.update(fingerprint=bundle.fingerprint, model=bundle.name, trained_at=time.time())
+    target = out or user_profile_dir(bundle.fingerprint)
+    heads.save(target)
+    typer.echo(f"held-out top-1 agreement per exit layer: {report['held_out_agreement']}")
+    typer.echo(f"calibrated tau_low {cal.tau_low} (agreement {cal.agreement:.3f}, skip ratio {cal.skip_ratio:.3f}, "
+               f"oracle {cal.oracle_skip_ratio:.3f}); tau_high {cal.tau_high}")
+    typer.echo(f"saved profile to {target}")
+
+
+@app.command()
+@friendly
+def calibrate(
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    sessions: list[Path] = typer.Option([], "--sessions", help="Recorded sessions whose user messages become the "
+                                        "calibration prompts (repeatable)."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Calibration prompts, one per line."),
+    target_agreement: float = typer.Option(0.98, "--target-agreement", help="Agreement with the full model to keep."),
+    percentiles: bool = typer.Option(False, "--percentiles", help="Use percentiles (P20/P50/P90) instead."),
+    tokens: int = typer.Option(4000, "--tokens", help="Calibration tokens to generate."),
+) -> None:
+    """Re-calibrate tau_low / tau_high for the model's exit heads and save them in its profile."""
+    from sedac_core.calibration import calibrate_heads
+    from sedac_core.errors import SedacError
+    from sedac_core.exits import ExitHeads, collect_exit_data, find_profile, load_prompts, user_profile_dir
+    from sedac_core.events import UserMessage
+    from sedac_core.models import load_model
+    from sedac_core.session import read_session
+
+    if not 0 < target_agreement <= 1:
+        _fail(f"--target-agreement is {target_agreement}; give a fraction in (0, 1], e.g. 0.98")
+    cfg = _load_config(None)
+    bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
+    source = find_profile(bundle.fingerprint)
+    if source is None:
+        raise SedacError(f"no exit heads for {bundle.name}; train them first with `sedac-chat train`")
+    heads = ExitHeads.load(source, hidden_size=bundle.model.config.hidden_size)
+    texts: list[str] = []
+    for path in sessions:
+        texts += [e.text for e in read_session(path).events if isinstance(e, UserMessage) and e.text.strip()]
+    if prompts is not None or not texts:
+        texts += load_prompts(prompts)[::-1]  # the shipped set, from its end
+    with _Progress("collecting") as bar:
+        data = collect_exit_data(bundle, texts, heads.layers, max_tokens=tokens, progress=bar)
+    cal = calibrate_heads(bundle, heads, data, target_agreement=None if percentiles else target_agreement)
+    target = user_profile_dir(bundle.fingerprint)
+    heads.save(target)
+    typer.echo(f"{cal.method}: tau_low {cal.tau_low}, tau_high {cal.tau_high}, floor {cal.entropy_threshold_min}; "
+               f"agreement {cal.agreement:.3f}, skip ratio {cal.skip_ratio:.3f} (oracle {cal.oracle_skip_ratio:.3f})")
+    typer.echo(f"saved to {target}")
+
+
 def main() -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     app()

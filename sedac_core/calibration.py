@@ -1,0 +1,120 @@
+"""AutoCalibrator: from per-layer statistics of the exit signal on calibration data, set the thresholds.
+
+Two ways: (a) percentiles, as SEDAC users know them (entropy_threshold_min -> P20, entropy_threshold_base -> P50
+of the exit signal, o1_high_entropy_threshold -> P90 of the final entropy); (b), the default, a target agreement:
+the loosest tau_low whose exits still agree with the full model at least `target` of the time."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass
+class LayerStats:
+    """For one checked layer, over N calibration tokens: the exit signal (estimated entropy, bits) and whether
+    that layer's exit token equals the full model's."""
+
+    predicted: torch.Tensor  # [N]
+    agree: torch.Tensor  # [N] bool
+
+
+@dataclass
+class Calibration:
+    tau_low: float
+    tau_high: float
+    entropy_threshold_min: float
+    method: str
+    target_agreement: float | None
+    min_layer: int
+    agreement: float  # on the data it was fitted on
+    skip_ratio: float
+    oracle_skip_ratio: float
+    layer_offsets: dict[int, float] = field(default_factory=dict)
+    sweep: list[dict[str, float]] = field(default_factory=list)
+
+    def to_meta(self) -> dict[str, Any]:
+        return {
+            "tau_low": self.tau_low, "tau_high": self.tau_high, "entropy_threshold_min": self.entropy_threshold_min,
+            "method": self.method, "target_agreement": self.target_agreement, "min_layer": self.min_layer,
+            "agreement": self.agreement, "skip_ratio": self.skip_ratio, "oracle_skip_ratio": self.oracle_skip_ratio,
+            "layer_offsets": {str(k): v for k, v in self.layer_offsets.items()}, "sweep": self.sweep,
+        }
+
+
+def simulate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1
+             ) -> tuple[float, float]:
+    """(agreement, skip_ratio) of exiting at the first checked layer >= min_layer whose signal < tau_low.
+    Tokens that never exit run full depth and agree by definition (teacher-forced: no KV-fill effects)."""
+    layers = sorted(l for l in stats if l >= min_layer)
+    if not layers:
+        return 1.0, 0.0
+    n = stats[layers[0]].predicted.shape[0]
+    exited = torch.zeros(n, dtype=torch.bool)
+    agree = torch.ones(n, dtype=torch.bool)
+    depth = torch.full((n,), float(num_layers))
+    for l in layers:
+        go = (~exited) & (stats[l].predicted < tau_low)
+        agree[go] = stats[l].agree[go]
+        depth[go] = float(l)
+        exited |= go
+    return float(agree.float().mean()), float(1 - depth.mean() / num_layers)
+
+
+def oracle_skip_ratio(stats: dict[int, LayerStats], num_layers: int) -> float:
+    """The ceiling: exit at the first checked layer whose exit agrees (a perfect decision with these heads)."""
+    layers = sorted(stats)
+    n = stats[layers[0]].agree.shape[0]
+    depth = torch.full((n,), float(num_layers))
+    done = torch.zeros(n, dtype=torch.bool)
+    for l in layers:
+        go = (~done) & stats[l].agree
+        depth[go] = float(l)
+        done |= go
+    return float(1 - depth.mean() / num_layers)
+
+
+def calibrate(stats: dict[int, LayerStats], final_entropy: torch.Tensor, num_layers: int, *,
+              target_agreement: float | None = 0.98, min_layer: int = 1, floor: float = 0.0) -> Calibration:
+    """Method (b) when target_agreement is given, else method (a) (percentiles)."""
+    signal = torch.cat([s.predicted for l, s in stats.items() if l >= min_layer])
+    p20, p50 = (float(torch.quantile(signal.float(), q)) for q in (0.2, 0.5))
+    tau_high = float(torch.quantile(final_entropy.float(), 0.9))
+    candidates = torch.unique(torch.quantile(signal.float(), torch.linspace(0, 1, 201)))
+    sweep = []
+    for tau in candidates.tolist():
+        agreement, skip = simulate(stats, num_layers, tau, min_layer)
+        sweep.append({"tau_low": round(tau, 4), "agreement": round(agreement, 4), "skip_ratio": round(skip, 4)})
+    if target_agreement is None:
+        tau_low, method = p50, "percentile"
+    else:
+        ok = [row for row in sweep if row["agreement"] >= target_agreement]
+        # the loosest threshold that still meets the target; if none does, the strictest (exits almost never)
+        tau_low = max(row["tau_low"] for row in ok) if ok else float(candidates[0]) - 1e-3
+        method = "target_agreement"
+    tau_low = max(tau_low, floor) if target_agreement is None else tau_low
+    agreement, skip = simulate(stats, num_layers, tau_low, min_layer)
+    return Calibration(
+        tau_low=round(tau_low, 4), tau_high=round(max(tau_high, tau_low + 0.1), 4),
+        entropy_threshold_min=round(min(p20, tau_low), 4), method=method, target_agreement=target_agreement,
+        min_layer=min_layer, agreement=round(agreement, 4), skip_ratio=round(skip, 4),
+        oracle_skip_ratio=round(oracle_skip_ratio(stats, num_layers), 4), sweep=sweep,
+    )
+
+
+def layer_stats_from(exit_stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, LayerStats]:
+    return {l: LayerStats(predicted=s["predicted"], agree=s["agree"]) for l, s in exit_stats.items()}
+
+
+def calibrate_heads(bundle: Any, heads: Any, data: Any, *, target_agreement: float | None = 0.98,
+                    min_layer: int = 1) -> Calibration:
+    """Calibrate `heads` (ExitHeads) on `data` (ExitData) and store the result in heads.meta['calibration']."""
+    from .exits import exit_stats
+
+    stats = layer_stats_from(exit_stats(heads, data, bundle))
+    cal = calibrate(stats, data.final_entropy, bundle.num_layers, target_agreement=target_agreement,
+                    min_layer=min_layer)
+    heads.meta["calibration"] = cal.to_meta()
+    return cal

@@ -1,0 +1,364 @@
+"""Exit heads: per exit layer, a translator (an affine map, tuned-lens style) that turns the layer's hidden state
+into an estimate of the final hidden state, so that `lm_head(norm(translator(h_l)))` predicts the final
+distribution; and a probe (a linear map on the translated state) that estimates that exit's entropy in bits, so
+the exit decision costs ~one dot product instead of a full-vocabulary LM head. Trained from the model's own
+generations; saved as safetensors + JSON in a per-model profile."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+from .errors import SedacError
+from .paths import cache_dir
+
+PROFILE_VERSION = 1
+Progress = Callable[[str, float], None]  # (message, fraction done 0..1)
+
+
+class ProfileError(SedacError):
+    """A profile is missing, corrupt or made for another model."""
+
+
+def default_exit_layers(num_layers: int) -> list[int]:
+    """Checked layers (1-based: the output of layer l), from one third of the depth to just below the top."""
+    fracs = (0.34, 0.47, 0.6, 0.7, 0.8, 0.9)
+    layers = sorted({max(1, min(num_layers - 1, round(f * num_layers))) for f in fracs})
+    return layers
+
+
+@dataclass
+class ExitHeads:
+    layers: list[int]
+    hidden_size: int
+    translator_w: dict[int, torch.Tensor]  # [H, H]: t = h @ W + b   (input-major, as the engine multiplies)
+    translator_b: dict[int, torch.Tensor]  # [H]
+    probe_w: dict[int, torch.Tensor]  # [H]: predicted exit entropy (bits) = norm(t) . w + c
+    probe_b: dict[int, float]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.translator_b[layer], h.reshape(-1, h.shape[-1]), self.translator_w[layer]).view_as(h)
+
+    def predicted_entropy(self, layer: int, normed_t: torch.Tensor) -> torch.Tensor:
+        return normed_t @ self.probe_w[layer] + self.probe_b[layer]
+
+    def to(self, device: Any, dtype: torch.dtype) -> "ExitHeads":
+        conv = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
+        return ExitHeads(self.layers, self.hidden_size, conv(self.translator_w), conv(self.translator_b),
+                         conv(self.probe_w), dict(self.probe_b), dict(self.meta))
+
+    # -- persistence ------------------------------------------------------------------------------------------
+    def save(self, directory: Path) -> None:
+        """Write atomically: a half-written profile is never picked up."""
+        from safetensors.torch import save_file
+
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for l in self.layers:
+            tensors[f"translator.{l}.weight"] = self.translator_w[l].float().contiguous()
+            tensors[f"translator.{l}.bias"] = self.translator_b[l].float().contiguous()
+            tensors[f"probe.{l}.weight"] = self.probe_w[l].float().contiguous()
+        meta = dict(self.meta)
+        meta.update(version=PROFILE_VERSION, layers=self.layers, hidden_size=self.hidden_size,
+                    probe_bias={str(l): float(self.probe_b[l]) for l in self.layers})
+        tmp_w = directory / ".exit_heads.safetensors.tmp"
+        tmp_m = directory / ".exit_heads.json.tmp"
+        save_file(tensors, str(tmp_w))
+        tmp_m.write_text(json.dumps(meta, indent=2))
+        os.replace(tmp_w, directory / "exit_heads.safetensors")
+        os.replace(tmp_m, directory / "exit_heads.json")
+
+    @classmethod
+    def load(cls, directory: Path, *, hidden_size: int | None = None, fingerprint: str | None = None) -> "ExitHeads":
+        from safetensors.torch import load_file
+
+        wpath, mpath = directory / "exit_heads.safetensors", directory / "exit_heads.json"
+        if not wpath.is_file() or not mpath.is_file():
+            raise ProfileError(f"no exit heads in {directory}; train them with `sedac-chat train`")
+        try:
+            meta = json.loads(mpath.read_text())
+            tensors = load_file(str(wpath))
+            layers = [int(l) for l in meta["layers"]]
+            hs = int(meta["hidden_size"])
+            heads = cls(
+                layers=layers,
+                hidden_size=hs,
+                translator_w={l: tensors[f"translator.{l}.weight"] for l in layers},
+                translator_b={l: tensors[f"translator.{l}.bias"] for l in layers},
+                probe_w={l: tensors[f"probe.{l}.weight"] for l in layers},
+                probe_b={l: float(meta["probe_bias"][str(l)]) for l in layers},
+                meta=meta,
+            )
+            for l in layers:
+                if heads.translator_w[l].shape != (hs, hs) or heads.probe_w[l].shape != (hs,):
+                    raise ValueError("tensor shapes do not match hidden_size")
+        except Exception as exc:  # noqa: BLE001 - any damage is the same problem to the user
+            raise ProfileError(
+                f"corrupt exit-head profile in {directory} ({type(exc).__name__}: {str(exc)[:100]}); "
+                "delete it and run `sedac-chat train`"
+            ) from None
+        if hidden_size is not None and hs != hidden_size:
+            raise ProfileError(f"the profile in {directory} is for hidden size {hs}, not {hidden_size}; retrain it")
+        if fingerprint is not None and meta.get("fingerprint") not in (None, fingerprint):
+            raise ProfileError(f"the profile in {directory} was trained for another model; retrain it")
+        return heads
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# profiles
+
+
+def user_profile_dir(fingerprint: str) -> Path:
+    return cache_dir() / "profiles" / fingerprint
+
+
+def shipped_profile_dir(fingerprint: str) -> Path | None:
+    root = resources.files("sedac_core") / "profiles" / fingerprint
+    p = Path(str(root))
+    return p if (p / "exit_heads.json").is_file() else None
+
+
+def find_profile(fingerprint: str) -> Path | None:
+    """The user's own trained profile first, then the one shipped with the package."""
+    user = user_profile_dir(fingerprint)
+    if (user / "exit_heads.json").is_file():
+        return user
+    return shipped_profile_dir(fingerprint)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# training data: the model's own generations
+
+
+def load_prompts(path: Path | None = None) -> list[str]:
+    if path is None:
+        text = (resources.files("sedac_core") / "data" / "train_prompts.txt").read_text(encoding="utf-8")
+    else:
+        if not path.is_file():
+            raise SedacError(f"prompt file not found: {path}; give a text file with one prompt per line")
+        text = path.read_text(encoding="utf-8")
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise SedacError(f"no prompts in {path}; give a text file with one prompt per line")
+    return prompts
+
+
+@dataclass
+class ExitData:
+    hidden: dict[int, torch.Tensor]  # layer -> [N, H] hidden state after that layer
+    final_hidden: torch.Tensor  # [N, H] the last layer's output (before the final norm)
+    final_token: torch.Tensor  # [N] the full model's greedy next token
+    final_entropy: torch.Tensor  # [N] bits
+    group: torch.Tensor  # [N] which prompt each row came from (for held-out splits by prompt)
+
+    def __len__(self) -> int:
+        return int(self.final_token.shape[0])
+
+    def subset(self, idx: torch.Tensor) -> "ExitData":
+        return ExitData({l: h[idx] for l, h in self.hidden.items()}, self.final_hidden[idx], self.final_token[idx],
+                        self.final_entropy[idx], self.group[idx])
+
+
+@torch.inference_mode()
+def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max_new_tokens: int = 96,
+                      batch_size: int = 16, max_tokens: int | None = None,
+                      progress: Progress | None = None) -> ExitData:
+    """Generate greedy answers to `prompts` in batches (transformers' generate, left-padded), then run the
+    sequences once more to read the hidden states at `layers` and at the top for every answer position."""
+    from .entropy import entropy_bits
+
+    model, tok = bundle.model, bundle.tokenizer
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(bundle.eos_token_ids), 0)
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    wanted = set(layers) | {bundle.num_layers}
+    for i, layer in enumerate(model.model.layers):
+        if i + 1 in wanted:
+            hooks.append(layer.register_forward_hook(
+                lambda _m, _inp, out, idx=i + 1: captured.__setitem__(idx, out[0] if isinstance(out, tuple) else out)))
+    hidden: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
+    finals, tokens, ents, groups = [], [], [], []
+    total = 0
+    t0 = time.time()
+    try:
+        for b in range(0, len(prompts), batch_size):
+            batch = prompts[b : b + batch_size]
+            encoded = [bundle.chat.encode([{"role": "user", "content": p}]) for p in batch]
+            width = max(len(e) for e in encoded)
+            ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=bundle.device)
+            mask = (torch.arange(width, device=bundle.device)[None, :] >= torch.tensor(
+                [width - len(e) for e in encoded], device=bundle.device)[:, None]).long()
+            captured.clear()
+            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=pad_id)
+            gen = out[:, width:]
+            # answer length: up to and including the first EOS
+            eos = torch.tensor(sorted(bundle.eos_token_ids), device=gen.device)
+            is_eos = torch.isin(gen, eos)
+            lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1,
+                                  torch.full_like(is_eos[:, 0], gen.shape[1], dtype=torch.long))
+            full_mask = torch.cat([mask, (torch.arange(gen.shape[1], device=gen.device)[None] < lengths[:, None]).long()], 1)
+            captured.clear()
+            logits = model(out, attention_mask=full_mask).logits
+            for r in range(len(batch)):
+                n = int(lengths[r])
+                # positions width-1 .. width+n-2 predict the answer tokens
+                sl = slice(width - 1, width - 1 + n)
+                for l in layers:
+                    hidden[l].append(captured[l][r, sl].float().cpu())
+                finals.append(captured[bundle.num_layers][r, sl].float().cpu())
+                lg = logits[r, sl].float()
+                tokens.append(lg.argmax(-1).cpu())
+                ents.append(entropy_bits(lg).cpu())
+                groups.append(torch.full((n,), b + r, dtype=torch.long))
+                total += n
+            if progress:
+                done = min(1.0, (b + len(batch)) / len(prompts))
+                progress(f"generated {total} tokens ({total / max(1e-9, time.time() - t0):.0f} tok/s)", done)
+            if max_tokens is not None and total >= max_tokens:
+                break
+    finally:
+        for h in hooks:
+            h.remove()
+    return ExitData({l: torch.cat(v) for l, v in hidden.items()}, torch.cat(finals), torch.cat(tokens),
+                    torch.cat(ents), torch.cat(groups))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# fitting
+
+
+def _lm_head_parts(bundle: Any) -> tuple[torch.Tensor, torch.Tensor, float]:
+    model = bundle.model
+    return model.lm_head.weight.detach().float(), model.model.norm.weight.detach().float(), float(
+        getattr(model.config, "rms_norm_eps", 1e-6))
+
+
+def _norm(x: torch.Tensor, w: torch.Tensor, eps: float) -> torch.Tensor:
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
+
+
+def fit_translator(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -> tuple[torch.Tensor, torch.Tensor]:
+    """Least squares h @ W + b ~= target, with a small ridge (closed form; seconds on CPU)."""
+    n, d = h.shape
+    x = torch.cat([h, torch.ones(n, 1)], 1).double()
+    y = target.double()
+    gram = x.T @ x
+    gram += ridge * torch.eye(d + 1, dtype=torch.float64) * gram.diagonal().mean()
+    sol = torch.linalg.solve(gram, x.T @ y)
+    return sol[:d].float().contiguous(), sol[d].float().contiguous()
+
+
+def refine_translator_kl(w: torch.Tensor, b: torch.Tensor, h: torch.Tensor, final_hidden: torch.Tensor,
+                         lm_head: torch.Tensor, norm_w: torch.Tensor, eps: float, *, epochs: int = 2,
+                         batch: int = 512, lr: float = 1e-4, vocab: torch.Tensor | None = None,
+                         progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """A few epochs of KL(final || exit) over the vocabulary `vocab` (default: all), from the least-squares start."""
+    w = w.clone().requires_grad_(True)
+    b = b.clone().requires_grad_(True)
+    head = lm_head if vocab is None else lm_head[vocab]
+    opt = torch.optim.Adam([w, b], lr=lr)
+    n = h.shape[0]
+    steps = epochs * math.ceil(n / batch)
+    step = 0
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(epochs):
+        order = torch.randperm(n, generator=gen)
+        for s in range(0, n, batch):
+            idx = order[s : s + batch]
+            with torch.no_grad():
+                target = F.log_softmax(_norm(final_hidden[idx], norm_w, eps) @ head.T, -1)
+            pred = F.log_softmax(_norm(h[idx] @ w + b, norm_w, eps) @ head.T, -1)
+            loss = F.kl_div(pred, target, log_target=True, reduction="batchmean")
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            step += 1
+            if progress:
+                progress(step / steps)
+    return w.detach(), b.detach()
+
+
+def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048) -> dict[int, dict[str, torch.Tensor]]:
+    """Per exit layer: the exit head's argmax, its real entropy, the probe's predicted entropy, and agreement."""
+    from .entropy import entropy_bits
+
+    lm_head, norm_w, eps = _lm_head_parts(bundle)
+    out: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for l in heads.layers:
+            tok, ent, pred = [], [], []
+            for s in range(0, len(data), batch):
+                t = data.hidden[l][s : s + batch] @ heads.translator_w[l] + heads.translator_b[l]
+                nt = _norm(t, norm_w, eps)
+                logits = nt @ lm_head.T
+                tok.append(logits.argmax(-1))
+                ent.append(entropy_bits(logits))
+                pred.append(nt @ heads.probe_w[l] + heads.probe_b[l])
+            tok_t = torch.cat(tok)
+            out[l] = {"token": tok_t, "entropy": torch.cat(ent), "predicted": torch.cat(pred),
+                      "agree": (tok_t == data.final_token)}
+    return out
+
+
+def fit_probe(normed_t: torch.Tensor, entropy: torch.Tensor, ridge: float = 1e-2) -> tuple[torch.Tensor, float]:
+    w, b = fit_translator(normed_t, entropy.unsqueeze(1), ridge)
+    return w[:, 0].contiguous(), float(b[0])
+
+
+def split_by_prompt(data: ExitData, held_out: float = 0.2, seed: int = 0) -> tuple[ExitData, ExitData]:
+    groups = torch.unique(data.group)
+    gen = torch.Generator().manual_seed(seed)
+    perm = groups[torch.randperm(len(groups), generator=gen)]
+    n_test = max(1, int(len(groups) * held_out))
+    test_groups = perm[:n_test]
+    is_test = torch.isin(data.group, test_groups)
+    return data.subset(torch.nonzero(~is_test)[:, 0]), data.subset(torch.nonzero(is_test)[:, 0])
+
+
+def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epochs: int = 0,
+                     progress: Progress | None = None) -> tuple[ExitHeads, dict[str, Any]]:
+    """Fit translators (least squares, then optional KL epochs) and probes on the training split; report the
+    held-out agreement per layer."""
+    train, test = split_by_prompt(data)
+    lm_head, norm_w, eps = _lm_head_parts(bundle)
+    tw, tb, pw, pb = {}, {}, {}, {}
+    for i, l in enumerate(layers):
+        w, b = fit_translator(train.hidden[l], train.final_hidden)
+        if kl_epochs:
+            w, b = refine_translator_kl(
+                w, b, train.hidden[l], train.final_hidden, lm_head, norm_w, eps, epochs=kl_epochs,
+                progress=(lambda f, i=i: progress(f"layer {l}: KL refinement", (i + f) / len(layers)))
+                if progress else None)
+        tw[l], tb[l] = w, b
+        if progress:
+            progress(f"layer {l}: translator fitted", (i + 1) / len(layers))
+    heads = ExitHeads(layers, bundle.model.config.hidden_size, tw, tb,
+                      {l: torch.zeros(tw[l].shape[0]) for l in layers}, {l: 0.0 for l in layers})
+    # probes: predict each exit's entropy from its normalised translated state
+    stats_train = exit_stats(heads, train, bundle)
+    for l in layers:
+        nt = _norm(train.hidden[l] @ tw[l] + tb[l], norm_w, eps)
+        heads.probe_w[l], heads.probe_b[l] = fit_probe(nt, stats_train[l]["entropy"])
+    stats_test = exit_stats(heads, test, bundle)
+    report = {
+        "train_tokens": len(train),
+        "held_out_tokens": len(test),
+        "held_out_agreement": {l: round(float(stats_test[l]["agree"].float().mean()), 4) for l in layers},
+        "train_agreement": {l: round(float(stats_train[l]["agree"].float().mean()), 4) for l in layers},
+        "probe_corr": {l: round(float(torch.corrcoef(torch.stack([stats_test[l]["predicted"],
+                                                                   stats_test[l]["entropy"]]))[0, 1]), 4)
+                       for l in layers},
+    }
+    heads.meta.update(report)
+    return heads, report

@@ -1,0 +1,170 @@
+"""Early exit: routing decisions, exit-head training, profiles, calibration, and the engine's exit mode."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import make_bundle
+from sedac_core.calibration import LayerStats, calibrate, oracle_skip_ratio, simulate
+from sedac_core.engine import GenerationRequest, SedacEngine
+from sedac_core.events import Notice, TokenEvent
+from sedac_core.exits import (ExitHeads, ProfileError, collect_exit_data, default_exit_layers, exit_stats,
+                              split_by_prompt, train_exit_heads)
+from sedac_core.policy import CONTINUE, ESCALATE, EXIT, ExitPolicy
+
+PROMPTS = [f"{w} {i}" for i, w in enumerate(["Hello", "Entropy", "capital", "def add", "SEDAC", "France", "Rome",
+                                               "token", "model", "numbers"] * 2)]
+
+
+def test_policy_decisions():
+    p = ExitPolicy(min_layer=3, layer_offsets={5: 0.5})
+    assert p.decide(2, 0.0, 1.0) == CONTINUE  # below the minimum layer
+    assert p.decide(3, 0.9, 1.0) == EXIT
+    assert p.decide(3, 1.1, 1.0) == CONTINUE
+    assert p.decide(5, 1.4, 1.0) == EXIT  # the layer's calibrated offset loosens it
+    assert ExitPolicy.final(5.0, 4.5) == ESCALATE and ExitPolicy.final(4.0, 4.5) == CONTINUE
+
+
+def test_default_exit_layers_are_inside_the_stack():
+    assert default_exit_layers(30) == [10, 14, 18, 21, 24, 27]
+    assert all(1 <= l < 4 for l in default_exit_layers(4))
+
+
+@pytest.fixture(scope="module")
+def trained():
+    bundle = make_bundle("llama", layers=4, seed=11)
+    layers = [1, 2, 3]
+    data = collect_exit_data(bundle, PROMPTS, layers, max_new_tokens=24, batch_size=8)
+    heads, report = train_exit_heads(bundle, data, layers)
+    return bundle, data, heads, report
+
+
+def _kl_to_final(bundle, hidden, final_hidden):
+    m = bundle.model
+    lp = torch.log_softmax(m.lm_head(m.model.norm(hidden)), -1)
+    lq = torch.log_softmax(m.lm_head(m.model.norm(final_hidden)), -1)
+    return float(torch.nn.functional.kl_div(lp, lq, log_target=True, reduction="batchmean"))
+
+
+def test_training_reduces_held_out_kl(trained):
+    bundle, data, heads, report = trained
+    _, test = split_by_prompt(data)
+    assert len(test) > 20 and report["held_out_tokens"] == len(test)
+    with torch.no_grad():
+        for l in heads.layers:
+            lens = _kl_to_final(bundle, test.hidden[l], test.final_hidden)  # the untrained logit lens
+            tuned = _kl_to_final(bundle, heads.translate(l, test.hidden[l]), test.final_hidden)
+            assert tuned < lens, l
+    stats = exit_stats(heads, test, bundle)
+    assert float(stats[3]["agree"].float().mean()) > float(stats[1]["agree"].float().mean())
+
+
+def test_profile_round_trip_and_corruption(trained, tmp_path):
+    _, _, heads, _ = trained
+    heads.meta["calibration"] = {"tau_low": 0.3}
+    heads.save(tmp_path / "p")
+    again = ExitHeads.load(tmp_path / "p", hidden_size=64)
+    assert again.layers == heads.layers and again.meta["calibration"]["tau_low"] == 0.3
+    for l in heads.layers:
+        assert torch.equal(again.translator_w[l], heads.translator_w[l])
+        assert again.probe_b[l] == pytest.approx(heads.probe_b[l])
+    with pytest.raises(ProfileError, match="hidden size 64, not 128"):
+        ExitHeads.load(tmp_path / "p", hidden_size=128)
+    (tmp_path / "p" / "exit_heads.safetensors").write_bytes(b"garbage")
+    with pytest.raises(ProfileError, match="corrupt exit-head profile .*sedac-chat train"):
+        ExitHeads.load(tmp_path / "p")
+    with pytest.raises(ProfileError, match="no exit heads"):
+        ExitHeads.load(tmp_path / "missing")
+
+
+def test_missing_profile_falls_back_to_full_depth_with_a_notice(tiny_llama_bundle):
+    engine = SedacEngine(tiny_llama_bundle)
+    assert engine.exit_heads is None and "sedac-chat train" in engine.profile_notice
+    events = list(engine.stream(GenerationRequest(prompt="Hi", max_new_tokens=4, mode="exit", ignore_eos=True)))
+    notices = [e for e in events if isinstance(e, Notice)]
+    assert notices and "full depth" in notices[0].message
+    assert all(e.exit_layer == 4 for e in events if isinstance(e, TokenEvent))
+
+
+def test_exit_mode_that_never_fires_equals_full_mode(trained):
+    bundle, _, heads, _ = trained
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    engine._tau_floor = -100.0
+    engine.set_thresholds(tau_low=-50.0)
+    req = dict(prompt="Hello", max_new_tokens=40, ignore_eos=True)
+    full = engine.generate(GenerationRequest(mode="full", **req))
+    never = engine.generate(GenerationRequest(mode="exit", **req))
+    assert never.token_ids == full.token_ids
+    assert never.avg_exit_layer == 4.0
+    # but the probes ran and their estimates are reported per checked layer
+    assert sorted(never.token_events[1].layer_entropies) == heads.layers
+
+
+def test_exit_mode_that_always_fires_skips_and_fills_the_cache(trained):
+    bundle, _, heads, _ = trained
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    engine.set_thresholds(tau_high=20.0)
+    engine.set_thresholds(tau_low=19.0)
+    result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=20, mode="exit", ignore_eos=True))
+    toks = result.token_events
+    assert toks[0].exit_layer == 4  # the first token comes from the (full-depth) prefill
+    assert all(t.exit_layer == 1 and t.decision == "exit" for t in toks[1:])
+    assert result.skip_ratio == pytest.approx(1 - (4 + 19 * 1) / (20 * 4))
+    from sedac_core.cache import FILL_COMPUTED, FILL_PROPAGATED
+
+    cache = engine._cache
+    pos = toks[5].position - 1  # the input position whose forward exited
+    assert int(cache.fill[0, pos]) == FILL_COMPUTED
+    assert all(int(cache.fill[j, pos]) == FILL_PROPAGATED for j in range(1, 4))
+    # a later full-depth run does not inherit propagated entries through prefix reuse
+    follow = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=20, mode="full", ignore_eos=True))
+    fresh = SedacEngine(make_bundle("llama", layers=4, seed=11)).generate(
+        GenerationRequest(prompt="Hello", max_new_tokens=20, mode="full", ignore_eos=True))
+    assert follow.token_ids == fresh.token_ids
+
+
+def _synthetic_stats(n=4000, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    stats = {}
+    for l, quality in ((10, 0.3), (20, 0.6), (28, 0.9)):
+        predicted = torch.rand(n, generator=g) * 4
+        p_agree = torch.clamp(1.05 - predicted / 4 * (1.2 - quality), 0, 1)  # low signal -> agrees more
+        agree = torch.rand(n, generator=g) < p_agree
+        stats[l] = LayerStats(predicted=predicted, agree=agree)
+    return stats
+
+
+@pytest.mark.parametrize("target", [0.9, 0.95, 0.98])
+def test_calibration_meets_its_target(target):
+    stats = _synthetic_stats()
+    final_entropy = torch.rand(4000, generator=torch.Generator().manual_seed(1)) * 6
+    cal = calibrate(stats, final_entropy, 30, target_agreement=target)
+    assert cal.agreement >= target
+    assert cal.skip_ratio > 0
+    # the threshold is the loosest that meets the target: a bit looser misses it
+    looser = simulate(stats, 30, cal.tau_low + 0.1)[0]
+    assert looser < target or cal.tau_low >= max(float(s.predicted.max()) for s in stats.values()) - 0.1
+    # on fresh data from the same distribution it holds up (within sampling noise)
+    held = simulate(_synthetic_stats(seed=5), 30, cal.tau_low)[0]
+    assert held >= target - 0.02
+    assert cal.oracle_skip_ratio >= cal.skip_ratio
+    assert cal.tau_high == pytest.approx(float(torch.quantile(final_entropy, 0.9)), abs=1e-3)
+
+
+def test_percentile_calibration():
+    stats = _synthetic_stats()
+    cal = calibrate(stats, torch.linspace(0, 10, 1001), 30, target_agreement=None)
+    signal = torch.cat([s.predicted for s in stats.values()])
+    assert cal.method == "percentile"
+    assert cal.tau_low == pytest.approx(float(torch.quantile(signal, 0.5)), abs=1e-3)
+    assert cal.entropy_threshold_min == pytest.approx(float(torch.quantile(signal, 0.2)), abs=1e-3)
+    assert cal.tau_high == pytest.approx(9.0, abs=1e-2)
+
+
+def test_oracle_is_the_ceiling():
+    stats = {1: LayerStats(torch.zeros(4), torch.tensor([True, False, False, False])),
+             2: LayerStats(torch.zeros(4), torch.tensor([False, True, False, False]))}
+    assert oracle_skip_ratio(stats, 4) == pytest.approx(1 - (1 + 2 + 4 + 4) / 16)
