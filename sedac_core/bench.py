@@ -38,14 +38,18 @@ def run_decode_bench(
     max_new_tokens: int = 128,
     n_prompts: int = 4,
     rounds: int = 2,
+    prompts: list[str] | None = None,
     modes: list[str] | None = None,
     json_out: Path | None = None,
+    plot_out: Path | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
-    modes = modes or ["full"]
+    modes = [m for m in (modes or ["full"]) if m != "hf"]  # hf (generate) is always the baseline
+    if "full" not in modes:
+        modes.insert(0, "full")  # speedup_vs_full needs it
     bundle = load_model(model, local=local, progress=echo)
     engine = SedacEngine(bundle)
-    prompts = BENCH_PROMPTS[: max(1, n_prompts)]
+    prompts = (prompts or BENCH_PROMPTS)[: max(1, n_prompts)]
     # the baseline is transformers' own model, loaded separately: the engine re-lays its copy's weights
     from transformers import AutoModelForCausalLM
 
@@ -67,6 +71,14 @@ def run_decode_bench(
                                                    ignore_eos=True))
         return time.perf_counter() - t0, result.token_ids, result
 
+    def teacher_forced_agreement(mode: str, prompt: str, ref: list[int]) -> float:
+        """Along the full model's greedy output: how often this mode picks the same next token given the same
+        prefix (with its own KV fill in effect)."""
+        engine.reset()
+        res = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=len(ref), mode=mode,
+                                                forced_tokens=ref, ignore_eos=True))
+        return sum(a == b for a, b in zip(res.token_ids, ref)) / max(1, len(ref))
+
     # warm-up (first calls allocate and pick kernels)
     run_hf(prompts[0])
     for mode in modes:
@@ -74,6 +86,7 @@ def run_decode_bench(
 
     times: dict[str, list[float]] = {"hf": [], **{m: [] for m in modes}}
     ratios: dict[str, list[float]] = {m: [] for m in modes}
+    ratios_full: dict[str, list[float]] = {m: [] for m in modes}
     exact: dict[str, list[bool]] = {m: [] for m in modes}
     agreement: dict[str, list[float]] = {m: [] for m in modes}
     exit_layers: dict[str, list[float]] = {m: [] for m in modes}
@@ -92,8 +105,11 @@ def run_decode_bench(
             for m in modes:
                 dt, ids, result = got[m]
                 ratios[m].append(got["hf"][0] / dt)
+                ratios_full[m].append(got["full"][0] / dt)
                 exact[m].append(ids == ref)
-                agreement[m].append(sum(a == b for a, b in zip(ids, ref)) / max(1, len(ref)))
+                if r == 0:
+                    agreement[m].append(1.0 if m == "full" and ids == ref
+                                        else teacher_forced_agreement(m, prompt, ref))
                 exit_layers[m].append(result.avg_exit_layer)
             echo(f"round {r + 1} · {prompt[:40]!r}: " + ", ".join(
                 f"{name} {max_new_tokens / got[name][0]:.1f} tok/s" for name in order))
@@ -109,26 +125,70 @@ def run_decode_bench(
         "hf": {"tok_per_s": n_tokens * len(times["hf"]) / sum(times["hf"])},
         "modes": {},
         "peak_rss_mb": round(peak_rss_mb(), 1),
+        "tau_low": engine.tau_low,
+        "tau_high": engine.tau_high,
+        "profile": str(engine.profile_dir) if engine.profile_dir else None,
+        "oracle_skip_ratio": (engine.exit_heads.meta.get("calibration", {}).get("oracle_skip_ratio")
+                              if engine.exit_heads is not None else None),
     }
     for m in modes:
         report["modes"][m] = {
             "tok_per_s": round(n_tokens * len(times[m]) / sum(times[m]), 2),
             "speedup_vs_hf": round(statistics.median(ratios[m]), 3),
             "speedup_vs_hf_min": round(min(ratios[m]), 3),
+            "speedup_vs_full": round(statistics.median(ratios_full[m]), 3),
             "exact_match": round(sum(exact[m]) / len(exact[m]), 3),
-            "token_agreement": round(statistics.mean(agreement[m]), 4),
+            "agreement": round(statistics.mean(agreement[m]), 4),
             "avg_exit_layer": round(statistics.mean(exit_layers[m]), 2),
             "skip_ratio": round(1 - statistics.mean(exit_layers[m]) / engine.num_layers, 4),
         }
     report["hf"]["tok_per_s"] = round(report["hf"]["tok_per_s"], 2)
     echo("")
-    echo(f"{'mode':<10} {'tok/s':>8} {'vs HF':>7} {'exact':>6} {'agree':>6} {'exit':>6}")
+    echo(f"{'mode':<10} {'tok/s':>8} {'vs HF':>7} {'vs full':>8} {'exact':>6} {'agree':>6} {'skip':>6} {'exit':>6}")
     echo(f"{'hf':<10} {report['hf']['tok_per_s']:>8.1f} {'1.00x':>7}")
     for m, row in report["modes"].items():
-        echo(f"{m:<10} {row['tok_per_s']:>8.1f} {row['speedup_vs_hf']:>6.2f}x {row['exact_match']:>6.2f} "
-             f"{row['token_agreement']:>6.3f} {row['avg_exit_layer']:>6.1f}")
+        echo(f"{m:<10} {row['tok_per_s']:>8.1f} {row['speedup_vs_hf']:>6.2f}x {row['speedup_vs_full']:>7.2f}x "
+             f"{row['exact_match']:>6.2f} {row['agreement']:>6.3f} {row['skip_ratio']:>6.3f} "
+             f"{row['avg_exit_layer']:>6.1f}")
+    if report["oracle_skip_ratio"] is not None:
+        echo(f"oracle skip ratio with these exit heads: {report['oracle_skip_ratio']:.3f} "
+             f"(tau_low {report['tau_low']}, profile {report['profile']})")
     echo(f"peak RSS {report['peak_rss_mb']:.0f} MB (this process, HF and engine together)")
+    if plot_out is not None:
+        sweep = (engine.exit_heads.meta.get("calibration", {}).get("sweep") if engine.exit_heads is not None
+                 else None)
+        plot_tradeoff(report, sweep or [], plot_out)
+        echo(f"wrote {plot_out}")
     if json_out is not None:
         json_out.write_text(json.dumps(report, indent=2))
         echo(f"wrote {json_out}")
     return report
+
+
+def plot_tradeoff(report: dict[str, Any], sweep: list[dict[str, float]], out: Path) -> None:
+    """Skip ratio vs agreement: the calibration sweep over tau_low (teacher-forced, held-out calibration data)
+    and the modes measured in this run."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        from .errors import SedacError
+
+        raise SedacError("--plot needs matplotlib: pip install matplotlib (or scripts/install.sh)") from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    if sweep:
+        ax.plot([r["agreement"] for r in sweep], [r["skip_ratio"] for r in sweep], "-", color="0.6",
+                label="calibration sweep over tau_low")
+    for mode, row in report["modes"].items():
+        ax.scatter([row["agreement"]], [row["skip_ratio"]], s=50, zorder=3,
+                   label=f"{mode}: {row['speedup_vs_full']:.2f}x vs full, {row['speedup_vs_hf']:.2f}x vs HF")
+    ax.set_xlabel("agreement with the full model (teacher-forced)")
+    ax.set_ylabel("skip ratio (layer computations skipped)")
+    ax.set_title(f"{report['model']}: speed/quality trade-off")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+    plt.close(fig)

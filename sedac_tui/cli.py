@@ -280,11 +280,14 @@ def bench(
     model: Optional[str] = ModelOpt,
     local: bool = LocalOpt,
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", "-n", help="New tokens per prompt."),
-    prompts: int = typer.Option(4, "--prompts", help="How many prompts of the bench set to use."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Prompt file, one prompt per line (default: "
+                                           "the built-in bench set, none of it used in training)."),
+    n_prompts: int = typer.Option(4, "--n-prompts", help="How many prompts to use."),
     rounds: int = typer.Option(2, "--rounds", help="Alternating rounds (A, B, A, B...) per prompt."),
     modes: str = typer.Option("full", "--modes", help="Comma-separated modes to measure."),
     kernels: bool = typer.Option(False, "--kernels", help="Run the entropy-kernel benchmark instead."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the skip-ratio/agreement trade-off to this PNG."),
 ) -> None:
     """Measure tok/s against Hugging Face generate and agreement with the full model, in one alternating run."""
     if kernels:
@@ -297,9 +300,14 @@ def bench(
     from sedac_core.bench import run_decode_bench
 
     for m in modes.split(","):
-        _check_mode(m.strip())
-    run_decode_bench(model=model, local=local, max_new_tokens=max_new_tokens, n_prompts=prompts, rounds=rounds,
-                     modes=[m.strip() for m in modes.split(",")], json_out=json_out,
+        if m.strip() != "hf":
+            _check_mode(m.strip())
+    from sedac_core.exits import load_prompts
+
+    prompt_list = load_prompts(prompts) if prompts is not None else None
+    run_decode_bench(model=model, local=local, max_new_tokens=max_new_tokens, n_prompts=n_prompts, rounds=rounds,
+                     prompts=prompt_list,
+                     modes=[m.strip() for m in modes.split(",")], json_out=json_out, plot_out=plot,
                      echo=lambda s: typer.echo(s))
 
 
@@ -408,6 +416,42 @@ def calibrate(
     typer.echo(f"{cal.method}: tau_low {cal.tau_low}, tau_high {cal.tau_high}, floor {cal.entropy_threshold_min}; "
                f"agreement {cal.agreement:.3f}, skip ratio {cal.skip_ratio:.3f} (oracle {cal.oracle_skip_ratio:.3f})")
     typer.echo(f"saved to {target}")
+
+
+@app.command()
+@friendly
+def serve(
+    model: Optional[str] = ModelOpt,
+    local: bool = LocalOpt,
+    config: Optional[Path] = ConfigOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on. Without an API key only loopback "
+                             "addresses are allowed."),
+    port: int = typer.Option(8000, "--port", "-p", help="Port to listen on (0: any free port)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode (a request may pick another)."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="SEDAC_API_KEY", show_envvar=True,
+                                          help="Require 'Authorization: Bearer <key>' on /v1 and /metrics."),
+    queue_size: int = typer.Option(32, "--queue-size", help="Requests that may wait while one runs; more get 503."),
+    device: Optional[str] = DeviceOpt,
+    dtype: Optional[str] = DtypeOpt,
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API (/v1/chat/completions, /v1/completions, /v1/models,
+    /health, /metrics)."""
+    _check_mode(mode)
+    if queue_size < 0:
+        _fail(f"--queue-size is {queue_size}; it must be 0 or more")
+    try:
+        from sedac_core import server
+    except ImportError as exc:
+        _fail(f"the server needs the `server` extra ({exc.name} is missing): pip install 'sedac-chat[server]'")
+    server.check_listen_address(host, api_key)  # before loading the model: a refused host fails fast
+    cfg = _load_config(config, model__device=device, model__dtype=dtype, sedac__mode=mode)
+    from sedac_core.engine import SedacEngine
+    from sedac_core.models import load_model
+
+    bundle = load_model(_model_spec(model, cfg), local=local or cfg.model.local, device=cfg.model.device,
+                        dtype=cfg.model.dtype, progress=lambda msg: typer.secho(msg, dim=True, err=True))
+    server.serve(SedacEngine(bundle, cfg), host=host, port=port, api_key=api_key, queue_size=queue_size,
+                 echo=typer.echo)
 
 
 def main() -> None:
