@@ -261,7 +261,7 @@ def fit_translator(h: torch.Tensor, target: torch.Tensor, ridge: float = 1e-3) -
 
 def refine_translator_kl(w: torch.Tensor, b: torch.Tensor, h: torch.Tensor, final_hidden: torch.Tensor,
                          lm_head: torch.Tensor, norm_w: torch.Tensor, eps: float, *, epochs: int = 2,
-                         batch: int = 512, lr: float = 1e-4, vocab: torch.Tensor | None = None,
+                         batch: int = 256, lr: float = 3e-4, vocab: torch.Tensor | None = None,
                          progress: Callable[[float], None] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """A few epochs of KL(final || exit) over the vocabulary `vocab` (default: all), from the least-squares start."""
     w = w.clone().requires_grad_(True)
