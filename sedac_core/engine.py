@@ -48,6 +48,7 @@ class GenerationRequest:
     stop: tuple[str, ...] = ()
     mode: str | None = None  # None: the engine's current mode
     trace: bool = False  # entropy at every layer (a full LM head per layer: slow)
+    raw_prompt: bool = False  # `prompt` is plain text to continue: no chat template (text completions)
     forced_tokens: list[int] | None = None  # teacher forcing (bench agreement): feed these, report own choices
     ignore_eos: bool = False  # never choose EOS: exactly max_new_tokens (benchmarks, parity tests)
 
@@ -265,7 +266,14 @@ class SedacEngine:
         mode = request.mode or self._mode
         if mode not in self.available_modes:
             raise ConfigError(f"unknown mode '{mode}'; available modes: {', '.join(self.available_modes)}")
-        prompt_ids = self.bundle.chat.encode(request.conversation())
+        if request.raw_prompt:
+            if request.prompt is None:
+                raise SedacError("raw_prompt needs a prompt (plain text), not messages")
+            prompt_ids = list(self.bundle.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+        else:
+            prompt_ids = self.bundle.chat.encode(request.conversation())
+        if not prompt_ids:
+            raise SedacError("the prompt is empty (no tokens); give some text")
         ctx = self.bundle.context_length
         if len(prompt_ids) >= ctx:
             raise PromptTooLongError(
@@ -371,7 +379,7 @@ class SedacEngine:
         if req.temperature > 0:
             generator = torch.Generator(device="cpu")
             generator.manual_seed(req.seed if req.seed is not None else int(time.time_ns() % (2**63)))
-        stops = tuple(req.stop) + self.bundle.chat.stop_strings
+        stops = tuple(req.stop) + (() if req.raw_prompt else self.bundle.chat.stop_strings)
         text = _TextStream(self.bundle.tokenizer)
         token_ids: list[int] = []
         exit_layers: list[int] = []
@@ -409,6 +417,11 @@ class SedacEngine:
             stop_at = self._find_stop(text.text, stops, shown) if stops and not is_eos else -1
             if stop_at >= 0:
                 delta = text.text[shown:stop_at]
+            elif is_eos or index == max_new - 1 or (cancel is not None and cancel.is_set()):
+                # the last token: also send any incomplete UTF-8 tail the stream was holding back
+                tail = self.bundle.tokenizer.decode(token_ids, skip_special_tokens=True)
+                if tail.startswith(text.text) and len(tail) > len(text.text):
+                    delta += tail[len(text.text):]
             yield self._emit(TokenEvent(
                 generation_id=gid, index=index, token_id=token_id, text=delta, exit_layer=cur_exit,
                 num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),

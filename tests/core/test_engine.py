@@ -189,3 +189,25 @@ def test_base_model_without_chat_template_gets_plain_prompt():
     assert result.prompt_tokens == len(bundle.tokenizer("The capital of France is")["input_ids"])
     convo = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}, {"role": "user", "content": "?"}]
     assert bundle.chat.plain_text(convo).endswith("User: ?\nAssistant:")
+
+
+def test_raw_prompt_skips_the_chat_template(tiny_llama_bundle):
+    engine = SedacEngine(tiny_llama_bundle)
+    raw = engine.generate(GenerationRequest(prompt="The capital of France is", raw_prompt=True, max_new_tokens=4,
+                                            ignore_eos=True))
+    assert raw.prompt_tokens == len(tiny_llama_bundle.tokenizer("The capital of France is")["input_ids"])
+    chat = engine.generate(GenerationRequest(prompt="The capital of France is", max_new_tokens=4, ignore_eos=True))
+    assert chat.prompt_tokens > raw.prompt_tokens
+
+
+def test_empty_raw_prompt_is_a_clear_error(tiny_llama_bundle):
+    engine = SedacEngine(tiny_llama_bundle)
+    with pytest.raises(SedacError, match="the prompt is empty"):
+        list(engine.stream(GenerationRequest(prompt="", raw_prompt=True)))
+
+
+def test_streamed_text_adds_up_to_the_final_text():
+    engine = SedacEngine(make_bundle("qwen2", seed=9))
+    for prompt in PROMPTS:
+        result = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=30, ignore_eos=True))
+        assert "".join(t.text for t in result.token_events) == result.generated_text
