@@ -44,8 +44,8 @@ class Calibration:
         }
 
 
-def simulate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1
-             ) -> tuple[float, float]:
+def simulate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1,
+             offsets: dict[int, float] | None = None) -> tuple[float, float]:
     """(agreement, skip_ratio) of exiting at the first checked layer >= min_layer whose signal < tau_low.
     Tokens that never exit run full depth and agree by definition (teacher-forced: no KV-fill effects)."""
     layers = sorted(l for l in stats if l >= min_layer)
@@ -56,7 +56,7 @@ def simulate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_
     agree = torch.ones(n, dtype=torch.bool)
     depth = torch.full((n,), float(num_layers))
     for l in layers:
-        go = (~exited) & (stats[l].predicted < tau_low)
+        go = (~exited) & (stats[l].predicted < tau_low + (offsets or {}).get(l, 0.0))
         agree[go] = stats[l].agree[go]
         depth[go] = float(l)
         exited |= go
@@ -77,7 +77,8 @@ def oracle_skip_ratio(stats: dict[int, LayerStats], num_layers: int) -> float:
 
 
 def calibrate(stats: dict[int, LayerStats], final_entropy: torch.Tensor, num_layers: int, *,
-              target_agreement: float | None = 0.98, min_layer: int = 1, floor: float = 0.0) -> Calibration:
+              target_agreement: float | None = 0.98, min_layer: int = 1, floor: float = 0.0,
+              per_layer: bool = True) -> Calibration:
     """Method (b) when target_agreement is given, else method (a) (percentiles)."""
     signal = torch.cat([s.predicted for l, s in stats.items() if l >= min_layer])
     p20, p50 = (float(torch.quantile(signal.float(), q)) for q in (0.2, 0.5))
@@ -95,13 +96,37 @@ def calibrate(stats: dict[int, LayerStats], final_entropy: torch.Tensor, num_lay
         tau_low = max(row["tau_low"] for row in ok) if ok else float(candidates[0]) - 1e-3
         method = "target_agreement"
     tau_low = max(tau_low, floor) if target_agreement is None else tau_low
-    agreement, skip = simulate(stats, num_layers, tau_low, min_layer)
+    offsets: dict[int, float] = {}
+    if target_agreement is not None and per_layer:
+        offsets = optimize_offsets(stats, num_layers, tau_low, target_agreement, min_layer)
+    agreement, skip = simulate(stats, num_layers, tau_low, min_layer, offsets)
     return Calibration(
         tau_low=round(tau_low, 4), tau_high=round(max(tau_high, tau_low + 0.1), 4),
         entropy_threshold_min=round(min(p20, tau_low), 4), method=method, target_agreement=target_agreement,
         min_layer=min_layer, agreement=round(agreement, 4), skip_ratio=round(skip, 4),
         oracle_skip_ratio=round(oracle_skip_ratio(stats, num_layers), 4), sweep=sweep,
+        layer_offsets={l: round(v, 4) for l, v in offsets.items()},
     )
+
+
+def optimize_offsets(stats: dict[int, LayerStats], num_layers: int, tau_low: float, target: float,
+                     min_layer: int = 1, passes: int = 2) -> dict[int, float]:
+    """Per-layer offsets to tau_low (coordinate search): layers whose exits agree more often can be looser and
+    others stricter, for more skipped layers at the same agreement. A layer's offset is kept only if it raises
+    the skip ratio while the agreement stays at or above the target."""
+    offsets = {l: 0.0 for l in stats if l >= min_layer}
+    best_agree, best_skip = simulate(stats, num_layers, tau_low, min_layer, offsets)
+    grid = torch.linspace(-3.0, 3.0, 61).tolist()
+    for _ in range(passes):
+        for l in sorted(offsets, reverse=True):
+            keep = offsets[l]
+            for value in grid:
+                offsets[l] = value
+                agreement, skip = simulate(stats, num_layers, tau_low, min_layer, offsets)
+                if agreement >= target and skip > best_skip + 1e-6:
+                    best_agree, best_skip, keep = agreement, skip, value
+            offsets[l] = keep
+    return {l: v for l, v in offsets.items() if v != 0.0}
 
 
 def layer_stats_from(exit_stats: dict[int, dict[str, torch.Tensor]]) -> dict[int, LayerStats]:

@@ -168,3 +168,14 @@ def test_oracle_is_the_ceiling():
     stats = {1: LayerStats(torch.zeros(4), torch.tensor([True, False, False, False])),
              2: LayerStats(torch.zeros(4), torch.tensor([False, True, False, False]))}
     assert oracle_skip_ratio(stats, 4) == pytest.approx(1 - (1 + 2 + 4 + 4) / 16)
+
+
+def test_per_layer_offsets_skip_more_at_the_same_target():
+    stats = _synthetic_stats()
+    fe = torch.rand(4000, generator=torch.Generator().manual_seed(1)) * 6
+    plain = calibrate(stats, fe, 30, target_agreement=0.95, per_layer=False)
+    tuned = calibrate(stats, fe, 30, target_agreement=0.95)
+    assert tuned.agreement >= 0.95
+    assert tuned.skip_ratio >= plain.skip_ratio
+    agreement, skip = simulate(stats, 30, tuned.tau_low, offsets=tuned.layer_offsets)
+    assert agreement == pytest.approx(tuned.agreement, abs=1e-3) and skip == pytest.approx(tuned.skip_ratio, abs=1e-3)
