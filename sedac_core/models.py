@@ -112,9 +112,7 @@ class ModelBundle:
 
         check_supported(model.config)
         model.eval()
-        fp = hashlib.sha256(
-            json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode() + name.encode()
-        ).hexdigest()[:16]
+        fp = model_fingerprint(model.config, name)
         return cls(
             model=model,
             tokenizer=tokenizer,
@@ -123,6 +121,18 @@ class ModelBundle:
             fingerprint=fp,
             source=source,
         )
+
+
+_FINGERPRINT_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                     "num_key_value_heads", "head_dim", "vocab_size", "rms_norm_eps", "tie_word_embeddings",
+                     "max_position_embeddings", "rope_parameters", "rope_theta")
+
+
+def model_fingerprint(config: Any, name: str) -> str:
+    """Keys a model's profiles: its name and architecture (not library versions, paths or dtypes)."""
+    cfg = config.to_dict()
+    picked = {k: cfg.get(k) for k in _FINGERPRINT_KEYS}
+    return hashlib.sha256(json.dumps([name, picked], sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
 # ----------------------------------------------------------------------------------------------------------------
