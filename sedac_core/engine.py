@@ -148,6 +148,7 @@ class SedacEngine:
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._eos = bundle.eos_token_ids
+        self._seen_prompts: list[str] = []  # this session's user messages (re-calibration data)
         self.exit_heads: ExitHeads | None = None
         self.policy = ExitPolicy()
         self.profile_dir = None
@@ -249,6 +250,26 @@ class SedacEngine:
         return SessionStart(model=self.bundle.name, num_layers=self.num_layers, config=cfg, created=time.time(),
                             app_version=app_version)
 
+    def recalibrate(self, prompts: list[str] | None = None, *, target_agreement: float | None = None,
+                    max_tokens: int = 1500) -> ThresholdChange:
+        """Re-fit tau_low (and per-layer offsets) for the installed exit heads on this session's prompts (or the
+        given ones; the shipped prompt set when there are none) and apply them from the next token."""
+        from .calibration import calibrate_heads
+        from .exits import collect_exit_data, load_prompts
+
+        if self.exit_heads is None:
+            raise SedacError(self.profile_notice or "no exit heads to calibrate; run `sedac-chat train`")
+        texts = list(prompts or self._seen_prompts) or load_prompts()[::-1]
+        heads = self.exit_heads
+        target = target_agreement or float(heads.meta.get("calibration", {}).get("target_agreement") or 0.98)
+        with self._lock:
+            data = collect_exit_data(self.bundle, texts, heads.layers, max_tokens=max_tokens, batch_size=8)
+            cal = calibrate_heads(self.bundle, heads.to("cpu", torch.float32), data, target_agreement=target)
+        heads.meta["calibration"] = cal.to_meta()
+        self.use_exit_heads(heads, apply_calibration=False)
+        self._tau_floor = min(self._tau_floor, cal.entropy_threshold_min)
+        return self.set_thresholds(tau_low=cal.tau_low, tau_high=cal.tau_high, source="calibration")
+
     def reset(self) -> None:
         """Forget the cached prefix (the next generation prefills from scratch)."""
         if self._cache is not None:
@@ -274,6 +295,10 @@ class SedacEngine:
             prompt_ids = self.bundle.chat.encode(request.conversation())
         if not prompt_ids:
             raise SedacError("the prompt is empty (no tokens); give some text")
+        last_user = next((m["content"] for m in reversed(request.conversation()) if m.get("role") == "user"), None) \
+            if not request.raw_prompt else request.prompt
+        if last_user and request.forced_tokens is None:
+            self._seen_prompts.append(last_user)
         ctx = self.bundle.context_length
         if len(prompt_ids) >= ctx:
             raise PromptTooLongError(

@@ -179,3 +179,25 @@ def test_per_layer_offsets_skip_more_at_the_same_target():
     assert tuned.skip_ratio >= plain.skip_ratio
     agreement, skip = simulate(stats, 30, tuned.tau_low, offsets=tuned.layer_offsets)
     assert agreement == pytest.approx(tuned.agreement, abs=1e-3) and skip == pytest.approx(tuned.skip_ratio, abs=1e-3)
+
+
+def test_recalibrate_on_the_session_prompts(trained):
+    bundle, _, heads, _ = trained
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    seen = []
+    engine.bus.subscribe(seen.append)
+    for p in PROMPTS[:6]:
+        engine.generate(GenerationRequest(prompt=p, max_new_tokens=4))
+    change = engine.recalibrate(target_agreement=0.9, max_tokens=120)
+    assert change.source == "calibration" and change in seen
+    cal = engine.exit_heads.meta["calibration"]
+    assert cal["target_agreement"] == 0.9 and cal["agreement"] >= 0.9
+    assert engine.tau_low == pytest.approx(min(cal["tau_low"], engine.tau_high - 0.05))
+
+
+def test_recalibrate_without_heads_is_a_clear_error(tiny_llama_bundle):
+    from sedac_core.errors import SedacError
+
+    with pytest.raises(SedacError, match="sedac-chat train"):
+        SedacEngine(tiny_llama_bundle).recalibrate()
