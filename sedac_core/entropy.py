@@ -1,5 +1,6 @@
 """Next-token statistics over logits: entropy (bits), varentropy, max-prob confidence, argmax, log-sum-exp and
-the routing decision. The pure-torch functions here are the reference the ext/ kernels are tested against."""
+the routing decision. The pure-torch functions here are the reference the ext/ kernels are tested against;
+token_stats() runs the fused kernel that sedac_core.kernels picks for the logits' device (or this reference)."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import math
 from dataclasses import dataclass
 
 import torch
+
+from . import kernels
 
 LN2 = math.log(2.0)
 
@@ -54,8 +57,21 @@ def token_stats_reference(logits: torch.Tensor, tau_low: float, tau_high: float)
 
 
 def token_stats(logits: torch.Tensor, tau_low: float = 0.0, tau_high: float = float("inf")) -> TokenStats:
-    """Statistics of the next-token distribution(s) in `logits` ([..., V])."""
-    return token_stats_reference(logits, tau_low, tau_high)
+    """Statistics of the next-token distribution(s) in `logits` ([..., V]), by the active kernel backend.
+
+    Degenerate rows get the reference's values: a NaN anywhere gives NaN statistics with argmax at the first NaN,
+    a +inf gives NaN entropy/max_prob and logsumexp +inf, an all -inf row gives NaN entropy and logsumexp -inf;
+    NaN entropy always decides "continue"."""
+    kernel = kernels.MANAGER.kernel_for(logits)
+    if kernel is None:
+        return token_stats_reference(logits, tau_low, tau_high)
+    ent, var, maxp, lse, arg, dec = kernel(logits, float(tau_low), float(tau_high))
+    return TokenStats(entropy_bits=ent, varentropy=var, max_prob=maxp, argmax=arg, logsumexp=lse, decision=dec)
+
+
+def set_backend(name: str) -> None:
+    """Choose the backend token_stats() uses: `performance.kernel_backend` (auto | cuda | cpp | torch)."""
+    kernels.set_backend(name)
 
 
 def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
