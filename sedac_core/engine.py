@@ -14,7 +14,7 @@ import torch
 from .anatomy import Anatomy
 from .cache import FILL_PROPAGATED, StaticKVCache
 from .config import MODES, SedacConfig
-from .entropy import entropy_bits, token_stats
+from .entropy import entropy_bits, set_backend, token_stats
 from .errors import ConfigError, PromptTooLongError, SedacError
 from .events import (
     Event,
@@ -148,8 +148,12 @@ class SedacEngine:
         self._cos: torch.Tensor | None = None
         self._sin: torch.Tensor | None = None
         self._eos = bundle.eos_token_ids
+        set_backend(self.config.performance.kernel_backend)  # the fused statistics kernel (or torch), per config
         self._seen_prompts: list[str] = []  # this session's user messages (re-calibration data)
         self.exit_heads: ExitHeads | None = None
+        # how skipped layers get K/V at an exited position: "propagate" (CALM's state propagation) or "oracle"
+        # (run them anyway: no speed-up, the reference that measures what the fill itself costs in quality)
+        self.kv_fill = "propagate"
         self.policy = ExitPolicy()
         self.profile_dir = None
         self.profile_notice = ""
@@ -343,9 +347,14 @@ class SedacEngine:
             est = float(heads.predicted_entropy(depth, normed[0]))
             estimates[depth] = est
             if self.policy.decide(depth, est, tau_low) == EXIT and depth < self.num_layers:
-                self._fill_skipped(x, depth, pos, cos, sin)
-                cache.token_ids[pos:] = [token_id]
                 logits = torch.nn.functional.linear(normed, a.lm_head_w, a.lm_head_b)[0]
+                if self.kv_fill == "oracle":  # reference only: the skipped layers run anyway for their true K/V
+                    for rest in a.layers[depth:]:
+                        x = a.layer_forward(rest, x, cache, pos, cos, sin)
+                    cache.length = pos + 1
+                else:
+                    self._fill_skipped(x, depth, pos, cos, sin)
+                cache.token_ids[pos:] = [token_id]
                 return logits, depth, estimates
         cache.length = pos + 1
         cache.token_ids[pos:] = [token_id]

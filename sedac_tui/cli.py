@@ -248,10 +248,8 @@ def info(
 
 
 def _kernel_backend() -> str:
-    try:
-        from sedac_core.kernels import active_backend  # the ext/ kernels (may not be built)
-    except ImportError:
-        return "torch: reference (no kernels module)"
+    from sedac_core.kernels import active_backend  # builds the ext/ kernels on first use, else says why not
+
     name, reason = active_backend("auto")
     return reason if reason.startswith(name) else f"{name}: {reason}"
 
@@ -291,11 +289,9 @@ def bench(
 ) -> None:
     """Measure tok/s against Hugging Face generate and agreement with the full model, in one alternating run."""
     if kernels:
-        try:
-            from sedac_core.bench_kernels import run_kernel_bench
-        except ImportError:
-            _fail("the kernel benchmark is not available in this build (sedac_core/bench_kernels.py missing)")
-        run_kernel_bench(json_out=json_out)
+        from sedac_core.bench_kernels import format_kernel_bench, run_kernel_bench
+
+        typer.echo(format_kernel_bench(run_kernel_bench(json_out=json_out)))
         return
     from sedac_core.bench import run_decode_bench
 

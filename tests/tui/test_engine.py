@@ -42,7 +42,11 @@ async def test_real_engine_streams_an_answer_and_takes_threshold_keys(tiny_llama
         assert app.engine.tau_low == 0.6 and app.engine.tau_high == 4.75
         stats = str(app.query_one(StatsBar).render())
         assert "tau_low 0.60" in stats and "tau_high 4.75" in stats and "tiny-llama" in stats
-        await pilot.press("m")  # the engine has one mode: nothing changes, a hint is shown
+        await pilot.press("m")  # cycles through the engine's modes
+        await pilot.pause()
+        assert app.engine.mode == "exit" and "mode exit" in str(app.query_one(StatsBar).render())
+        await pilot.press("m")
+        await pilot.pause()
         assert app.engine.mode == "full"
     session = read_session(record)
     kinds = [type(e) for e in session.events]
