@@ -12,7 +12,7 @@ from typing import Iterator
 import torch
 
 from .anatomy import Anatomy
-from .cache import FILL_PROPAGATED, StaticKVCache
+from .cache import FILL_GHOST, FILL_PROPAGATED, StaticKVCache
 from .config import MODES, SedacConfig
 from .entropy import entropy_bits, set_backend, token_stats
 from .errors import ConfigError, PromptTooLongError, SedacError
@@ -27,9 +27,11 @@ from .events import (
     ThresholdChange,
     TokenEvent,
 )
-from .exits import ExitHeads, ProfileError, find_profile
+from .exits import ExitHeads, ProfileError, find_profile, shipped_profile_dir
+from .ghost_kv import GhostKV
 from .models import ModelBundle
 from .policy import EXIT, ExitPolicy
+from .reasoning import Reasoner
 
 TAU_GAP = 0.05  # tau_low stays at least this far below tau_high
 TAU_MAX = 20.0
@@ -51,6 +53,7 @@ class GenerationRequest:
     raw_prompt: bool = False  # `prompt` is plain text to continue: no chat template (text completions)
     forced_tokens: list[int] | None = None  # teacher forcing (bench agreement): feed these, report own choices
     ignore_eos: bool = False  # never choose EOS: exactly max_new_tokens (benchmarks, parity tests)
+    o1: bool | None = None  # O1 deep reasoning for this request; None: the engine's setting
 
     def conversation(self) -> list[dict[str, str]]:
         if self.messages:
@@ -153,11 +156,17 @@ class SedacEngine:
         self.exit_heads: ExitHeads | None = None
         # how skipped layers get K/V at an exited position: "propagate" (CALM's state propagation) or "oracle"
         # (run them anyway: no speed-up, the reference that measures what the fill itself costs in quality)
+        # or "ghost" (Ghost KV: a learned predictor, when the profile has one; sedac.enable_ghost_kv selects it)
         self.kv_fill = "propagate"
         self.policy = ExitPolicy()
+        self.reasoner = Reasoner()  # O1 deep reasoning (settings: self.reasoner.settings)
+        self._o1 = bool(self.config.sedac.enable_o1_reasoning)
         self.profile_dir = None
         self.profile_notice = ""
         self._load_profile()
+        self.ghost_kv: GhostKV | None = None
+        self.ghost_notice = ""  # why Ghost KV was asked for but is off; shown once, at the next exit generation
+        self._load_ghost_kv()
 
     def _load_profile(self) -> None:
         """Exit heads (and their calibration) from the model's profile; without one, exit mode runs full depth."""
@@ -173,6 +182,35 @@ class SedacEngine:
             return
         self.use_exit_heads(heads)
         self.profile_dir = directory
+
+    def _load_ghost_kv(self) -> None:
+        """Ghost KV from the profile, next to the exit heads (else the shipped one); `sedac.enable_ghost_kv` makes
+        it the KV fill. Asked for but missing or corrupt: propagation, with a notice."""
+        wanted = bool(self.config.sedac.enable_ghost_kv)
+        if self.profile_dir is None:
+            if wanted:
+                self.ghost_notice = "Ghost KV needs exit heads (none loaded); the KV fill stays propagation"
+            return
+        a = self.anatomy
+        dirs = [self.profile_dir, shipped_profile_dir(self.bundle.fingerprint)]
+        directory = next((d for d in dirs if d is not None and (d / "ghost_kv.json").is_file()), self.profile_dir)
+        try:
+            ghost = GhostKV.load(directory, hidden_size=a.hidden_size, num_layers=a.num_layers,
+                                 num_kv_heads=a.num_kv_heads, head_dim=a.head_dim)
+        except ProfileError as exc:
+            if wanted:
+                self.ghost_notice = f"{exc}; the skipped layers' K/V are filled by propagation"
+            return
+        self.use_ghost_kv(ghost, select=wanted)
+
+    def use_ghost_kv(self, ghost: GhostKV | None, select: bool = True) -> None:
+        """Install (or remove) a Ghost KV; with `select`, make it the KV fill."""
+        self.ghost_kv = None if ghost is None else ghost.to(self.device, self.dtype)
+        if ghost is None and self.kv_fill == "ghost":
+            self.kv_fill = "propagate"
+        elif ghost is not None and select:
+            self.kv_fill = "ghost"
+            self.ghost_notice = ""
 
     def use_exit_heads(self, heads: ExitHeads | None, apply_calibration: bool = True) -> None:
         """Install (or remove) exit heads; apply their calibrated thresholds when auto_calibrate is on."""
@@ -213,7 +251,7 @@ class SedacEngine:
     @property
     def features(self) -> dict[str, bool]:
         """Which optional features this engine can run (the UI disables toggles for the others)."""
-        return {"o1": False, "ghost_kv": False}
+        return {"o1": True, "ghost_kv": self.ghost_kv is not None}
 
     def set_thresholds(self, tau_low: float | None = None, tau_high: float | None = None,
                        source: str = "user") -> ThresholdChange:
@@ -239,10 +277,16 @@ class SedacEngine:
         for name, wanted in (("o1", o1), ("ghost_kv", ghost_kv)):
             if wanted and not self.features[name]:
                 raise SedacError(f"{name} is not available in this engine yet; it stays off")
+        if o1 is not None:
+            with self._settings_lock:
+                self._o1 = bool(o1)
+        if ghost_kv is not None and (ghost_kv or self.kv_fill == "ghost"):
+            self.kv_fill = "ghost" if ghost_kv else "propagate"
         return self._publish_mode()
 
     def _publish_mode(self) -> ModeChange:
-        event = ModeChange(mode=self._mode, enable_o1_reasoning=False, enable_ghost_kv=False, time=time.time())
+        event = ModeChange(mode=self._mode, enable_o1_reasoning=self._o1, enable_ghost_kv=self.kv_fill == "ghost",
+                           time=time.time())
         self.bus.publish(event)
         return event
 
@@ -251,6 +295,8 @@ class SedacEngine:
         cfg["sedac"]["entropy_threshold_base"] = self._tau_low
         cfg["sedac"]["o1_high_entropy_threshold"] = self._tau_high
         cfg["sedac"]["mode"] = self._mode
+        cfg["sedac"]["enable_o1_reasoning"] = self._o1
+        cfg["sedac"]["enable_ghost_kv"] = self.kv_fill == "ghost"
         return SessionStart(model=self.bundle.name, num_layers=self.num_layers, config=cfg, created=time.time(),
                             app_version=app_version)
 
@@ -352,6 +398,8 @@ class SedacEngine:
                     for rest in a.layers[depth:]:
                         x = a.layer_forward(rest, x, cache, pos, cos, sin)
                     cache.length = pos + 1
+                elif self.kv_fill == "ghost" and self.ghost_kv is not None and depth in self.ghost_kv.trunk:
+                    self._fill_ghost(x, depth, pos, cos, sin)
                 else:
                     self._fill_skipped(x, depth, pos, cos, sin)
                 cache.token_ids[pos:] = [token_id]
@@ -359,6 +407,30 @@ class SedacEngine:
         cache.length = pos + 1
         cache.token_ids[pos:] = [token_id]
         return a.logits(x[:, -1])[0], self.num_layers, estimates
+
+    def _fill_ghost(self, x: torch.Tensor, depth: int, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
+        """Ghost KV fill: the first skipped layer's input is the exit state itself, so its K/V are projected
+        exactly; the layers above get the predicted pre-RoPE K/V (then k-norm and RoPE, as computed ones get)."""
+        a = self.anatomy
+        cache = self._cache
+        ghost = self.ghost_kv
+        assert cache is not None and ghost is not None
+        h = x[:, -1]
+        first = a.layers[depth]
+        kv_w, kv_b = self._kv_proj[depth]
+        kv = torch.nn.functional.linear(a.rms_norm(h, first.in_norm), kv_w, kv_b)  # [1, 2 * kv]
+        k_pred, v_pred = ghost.predict(depth, h)  # [1, n_pred, kv]
+        k = torch.cat((kv[:, None, : a.kv_size], k_pred), 1)
+        v = torch.cat((kv[:, None, a.kv_size :], v_pred), 1)
+        n = k.shape[1]
+        k = k.view(n, 1, a.num_kv_heads, a.head_dim).transpose(1, 2)  # [n_skip, kv_heads, 1, head_dim]
+        v = v.view(n, 1, a.num_kv_heads, a.head_dim).transpose(1, 2)
+        if first.k_norm is not None:
+            k = torch.cat([a.rms_norm(k[i : i + 1], layer.k_norm) for i, layer in enumerate(a.layers[depth:])])
+        k = k * cos + torch.cat((-k[..., a.head_dim // 2:], k[..., : a.head_dim // 2]), dim=-1) * sin
+        for i, layer in enumerate(a.layers[depth:]):
+            cache.write(layer.index, pos, k[i : i + 1], v[i : i + 1], FILL_GHOST)
+        cache.length = pos + 1
 
     def _fill_skipped(self, x: torch.Tensor, depth: int, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
         a = self.anatomy
@@ -422,10 +494,15 @@ class SedacEngine:
         use_exit = mode == "exit" and self.exit_heads is not None
         if mode == "exit" and self.exit_heads is None:
             yield self._emit(Notice(message=self.profile_notice, time=time.time()))
+        if use_exit and self.ghost_notice:  # Ghost KV asked for but unavailable: say so once
+            yield self._emit(Notice(message=self.ghost_notice, time=time.time()))
+            self.ghost_notice = ""
         forced = req.forced_tokens
         if forced is not None:
             max_new = min(max_new, len(forced))
         cur_exit = self.num_layers  # the depth at which the current logits were produced
+        use_o1 = (self._o1 if req.o1 is None else req.o1) and forced is None
+        o1_budget = self.reasoner.begin()
         t0 = time.perf_counter()
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
         prefill_s = time.perf_counter() - t0
@@ -436,7 +513,16 @@ class SedacEngine:
             if req.ignore_eos and self._eos:  # like generate(min_new_tokens=...): EOS is never chosen
                 logits[list(self._eos)] = float("-inf")
                 argmax = int(logits.argmax())
-            token_id = self._choose(logits, req, generator, argmax)
+            o1 = None
+            if use_o1:  # O1: think harder at an uncertain position, before committing a token
+                o1 = self.reasoner.maybe_think(
+                    self, o1_budget, logits, stats, pos=pos, index=index, generation_id=gid,
+                    tau_high=self._tau_high, banned=frozenset(self._eos) if req.ignore_eos else frozenset())
+            if o1 is not None:
+                token_id = o1[0]
+                yield self._emit(o1[1])
+            else:
+                token_id = self._choose(logits, req, generator, argmax)
             probs_top = torch.topk(logits.float(), k=min(TOP_K_SHOWN, logits.shape[-1]))
             lse = float(stats.logsumexp[0])
             top_tokens = tuple(
@@ -459,7 +545,8 @@ class SedacEngine:
             yield self._emit(TokenEvent(
                 generation_id=gid, index=index, token_id=token_id, text=delta, exit_layer=cur_exit,
                 num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),
-                confidence=float(stats.max_prob[0]), decision="exit" if cur_exit < self.num_layers else "full",
+                confidence=float(stats.max_prob[0]),
+                decision="o1" if o1 is not None else "exit" if cur_exit < self.num_layers else "full",
                 draft=None, layer_entropies=layer_ent,
                 top_tokens=top_tokens, time_ms=step_ms, position=pos,
             ))
@@ -492,7 +579,8 @@ class SedacEngine:
         yield self._emit(GenerationEnd(
             generation_id=gid, tokens=n, tok_per_s=n / elapsed if elapsed > 0 else 0.0,
             skip_ratio=1.0 - avg_exit / self.num_layers if n else 0.0, avg_exit_layer=avg_exit,
-            stop_reason=stop_reason, text=final_text, elapsed_s=elapsed, prefill_s=prefill_s, time=time.time(),
+            stop_reason=stop_reason, text=final_text, elapsed_s=elapsed, prefill_s=prefill_s,
+            o1_triggers=o1_budget.triggers, time=time.time(),
         ))
 
     @staticmethod

@@ -131,6 +131,8 @@ def ask(
     system: Optional[str] = typer.Option(None, "--system", help="A system prompt (default: none of ours)."),
     stop: list[str] = typer.Option([], "--stop", help="Stop when this text appears (repeatable)."),
     trace: bool = typer.Option(False, "--trace", help="Record the entropy at every layer (slower)."),
+    o1: Optional[bool] = typer.Option(None, "--o1/--no-o1", help="O1 deep reasoning: look ahead at uncertain "
+                                      "tokens (default: sedac.enable_o1_reasoning)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of text."),
     record: Optional[Path] = typer.Option(None, "--record", help="Record the events to this JSONL session file."),
     device: Optional[str] = DeviceOpt,
@@ -157,7 +159,7 @@ def ask(
     request = GenerationRequest(
         prompt=prompt, system=system if system is not None else gen.system_prompt,
         max_new_tokens=gen.max_new_tokens, temperature=gen.temperature, top_p=gen.top_p,
-        seed=seed if seed is not None else gen.seed, stop=tuple(stop), mode=cfg.sedac.mode, trace=trace,
+        seed=seed if seed is not None else gen.seed, stop=tuple(stop), mode=cfg.sedac.mode, trace=trace, o1=o1,
     )
     try:
         engine.bus.publish(UserMessage(text=prompt, time=time.time()))
@@ -284,10 +286,23 @@ def bench(
     rounds: int = typer.Option(2, "--rounds", help="Alternating rounds (A, B, A, B...) per prompt."),
     modes: str = typer.Option("full", "--modes", help="Comma-separated modes to measure."),
     kernels: bool = typer.Option(False, "--kernels", help="Run the entropy-kernel benchmark instead."),
+    o1: bool = typer.Option(False, "--o1", help="Run the O1 eval instead: accuracy with O1 off vs on on the "
+                            "shipped question set, triggers, extra forward passes, wall clock."),
+    o1_limit: Optional[int] = typer.Option(None, "--o1-limit", help="With --o1: only the first N questions."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the skip-ratio/agreement trade-off to this PNG."),
 ) -> None:
     """Measure tok/s against Hugging Face generate and agreement with the full model, in one alternating run."""
+    if o1:
+        from sedac_core.engine import SedacEngine
+        from sedac_core.models import load_model
+        from sedac_core.o1_eval import run_o1_eval
+
+        engine = SedacEngine(load_model(model, local=local, progress=lambda m: typer.secho(m, dim=True, err=True)))
+        # short answers: 24 new tokens per question unless --max-new-tokens was changed from its default
+        run_o1_eval(engine, max_new_tokens=24 if max_new_tokens == 128 else max_new_tokens,
+                    limit=o1_limit, json_out=json_out, echo=lambda s: typer.echo(s))
+        return
     if kernels:
         from sedac_core.bench_kernels import format_kernel_bench, run_kernel_bench
 

@@ -169,7 +169,7 @@ def test_unknown_mode_is_a_clear_error(tiny_llama_bundle):
     with pytest.raises(ConfigError, match="available modes"):
         list(engine.stream(GenerationRequest(prompt="Hi", mode="turbo")))
     with pytest.raises(SedacError):
-        engine.set_features(o1=True)
+        engine.set_features(ghost_kv=True)  # not built yet (O1 is: tests/core/test_reasoning.py)
 
 
 def test_bad_request_values_are_errors(tiny_llama_bundle):
