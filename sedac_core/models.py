@@ -229,7 +229,27 @@ def _check_gguf_header(path: Path) -> None:
 
 
 def converted_dir_for(gguf: Path) -> Path:
-    return models_cache_dir() / f"{gguf.stem}-{file_sha256(gguf)[:16]}"
+    return models_cache_dir() / f"{gguf.stem}-{_cached_sha256(gguf)[:16]}"
+
+
+def _cached_sha256(path: Path) -> str:
+    """The file's hash, remembered by (path, size, mtime) so a start does not re-read 100 MB to find its cache."""
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    memo = models_cache_dir() / ".hashes" / key
+    try:
+        value = memo.read_text().strip()
+        if len(value) == 64:
+            return value
+    except OSError:
+        pass
+    value = file_sha256(path)
+    try:
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        memo.write_text(value)
+    except OSError:
+        pass  # a read-only cache only costs the re-hash
+    return value
 
 
 def ensure_converted(gguf: Path, progress: Progress | None = None) -> Path:
