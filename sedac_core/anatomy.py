@@ -207,9 +207,7 @@ class Anatomy:
         if layer.q_norm is not None:
             q = self.rms_norm(q, layer.q_norm)
             k = self.rms_norm(k, layer.k_norm)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        return q, k, v
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def layer_forward(self, layer: Layer, x: torch.Tensor, cache: Any, start: int,
                       cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -242,6 +240,11 @@ class Anatomy:
         h = self.rms_norm(x, layer.post_norm)
         gate, up = F.linear(h, layer.gu_w, layer.gu_b).chunk(2, dim=-1)
         return x + F.linear(self.act(gate) * up, layer.down_w, layer.down_b)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotary position embedding, as transformers applies it (rotate-half form)."""
+    return x * cos + _rotate_half(x) * sin
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from typing import Iterator
 
 import torch
 
-from .anatomy import Anatomy
+from .anatomy import Anatomy, apply_rope
 from .cache import FILL_GHOST, FILL_PROPAGATED, StaticKVCache
 from .config import MODES, SedacConfig
 from .entropy import entropy_bits, set_backend, token_stats
@@ -427,7 +427,7 @@ class SedacEngine:
         v = v.view(n, 1, a.num_kv_heads, a.head_dim).transpose(1, 2)
         if first.k_norm is not None:
             k = torch.cat([a.rms_norm(k[i : i + 1], layer.k_norm) for i, layer in enumerate(a.layers[depth:])])
-        k = k * cos + torch.cat((-k[..., a.head_dim // 2:], k[..., : a.head_dim // 2]), dim=-1) * sin
+        k = apply_rope(k, cos, sin)
         for i, layer in enumerate(a.layers[depth:]):
             cache.write(layer.index, pos, k[i : i + 1], v[i : i + 1], FILL_GHOST)
         cache.length = pos + 1
@@ -443,7 +443,7 @@ class SedacEngine:
             k, v = kv.view(1, 1, 2 * a.num_kv_heads, a.head_dim).transpose(1, 2).split(a.num_kv_heads, dim=1)
             if layer.k_norm is not None:
                 k = a.rms_norm(k, layer.k_norm)
-            k = k * cos + torch.cat((-k[..., a.head_dim // 2:], k[..., : a.head_dim // 2]), dim=-1) * sin
+            k = apply_rope(k, cos, sin)
             cache.write(layer.index, pos, k, v, FILL_PROPAGATED)
         cache.length = pos + 1
 
