@@ -341,12 +341,13 @@ class SedacEngine:
             if request.prompt is None:
                 raise SedacError("raw_prompt needs a prompt (plain text), not messages")
             prompt_ids = list(self.bundle.tokenizer(request.prompt, add_special_tokens=True)["input_ids"])
+            last_user = request.prompt
         else:
-            prompt_ids = self.bundle.chat.encode(request.conversation())
+            conversation = request.conversation()
+            prompt_ids = self.bundle.chat.encode(conversation)
+            last_user = next((m["content"] for m in reversed(conversation) if m.get("role") == "user"), None)
         if not prompt_ids:
             raise SedacError("the prompt is empty (no tokens); give some text")
-        last_user = next((m["content"] for m in reversed(request.conversation()) if m.get("role") == "user"), None) \
-            if not request.raw_prompt else request.prompt
         if last_user and request.forced_tokens is None:
             self._seen_prompts.append(last_user)
         ctx = self.bundle.context_length
