@@ -9,6 +9,7 @@
   Partial chunk_stats_f32(const float* x, int64_t n, int64_t base);        \
   Partial chunk_stats_f16(const uint16_t* x, int64_t n, int64_t base);     \
   Partial chunk_stats_bf16(const uint16_t* x, int64_t n, int64_t base);    \
+  int64_t chunk_read_bytes(const void* x, int64_t nbytes);                 \
   }                                                                        \
   }
 

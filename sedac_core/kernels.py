@@ -119,9 +119,11 @@ class KernelManager:
         abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
         return ["-O3", "-std=c++20", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}", "-w"]
 
-    def _compile_isa_objects(self, build_dir: Path, cxx: str) -> tuple[list[str], list[Path], list[str]]:
-        """Compile the AVX2/AVX512 kernel objects (per-file flags, which cpp_extension.load cannot give).
-        Returns the ISAs built, their objects, and notes on any that failed (those are simply left out)."""
+    def _compile_isa_objects(
+        self, build_dir: Path, cxx: str, stem: str = "stats_cpu"
+    ) -> tuple[list[str], list[Path], list[str]]:
+        """Compile the AVX2/AVX512 kernel objects `<stem>_<isa>.cpp` (per-file flags, which cpp_extension.load cannot
+        give). Returns the ISAs built, their objects, and notes on any that failed (those are simply left out)."""
         from torch.utils.cpp_extension import include_paths
 
         if platform.machine().lower() not in ("x86_64", "amd64"):
@@ -129,13 +131,13 @@ class KernelManager:
         incs = [f"-I{p}" for p in include_paths()] + [f"-I{self.src_dir}"]
         jobs = {}
         for isa, flags in ISA_FLAGS.items():
-            obj = build_dir / f"stats_cpu_{isa.lower()}.o"
+            obj = build_dir / f"{stem}_{isa.lower()}.o"
             if obj.exists():
                 jobs[isa] = (obj, None)
                 continue
             tmp = obj.with_suffix(f".{os.getpid()}.tmp.o")
             cmd = [cxx, *self._common_cflags(), *flags, *incs, "-c",
-                   str(self.src_dir / f"stats_cpu_{isa.lower()}.cpp"), "-o", str(tmp)]
+                   str(self.src_dir / f"{stem}_{isa.lower()}.cpp"), "-o", str(tmp)]
             proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
             jobs[isa] = (obj, (proc, tmp))
         built, objs, notes = [], [], []
@@ -143,7 +145,7 @@ class KernelManager:
             if job is not None:
                 proc, tmp = job
                 out, _ = proc.communicate()
-                (build_dir / f"stats_cpu_{isa.lower()}.log").write_text(out or "")
+                (build_dir / f"{stem}_{isa.lower()}.log").write_text(out or "")
                 if proc.returncode != 0 or not tmp.exists():
                     notes.append(f"{isa} kernel not compiled ({_short(out)})")
                     continue

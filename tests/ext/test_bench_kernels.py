@@ -17,5 +17,8 @@ def test_quick_kernel_bench_writes_json(tmp_path):
     for r in rows:
         assert r["us_per_row"] > 0 and r["torch_us_per_row"] > 0 and r["read_us_per_row"] > 0
         assert r["speedup_vs_torch"] > 0 and r["read_fraction"] > 0
+        if r["device"] == "cpu" and r["backend"] == "cpp":  # the read with the kernel's own split and threads
+            assert r["split_read_us_per_row"] > 0 and r["split_read_fraction"] > 0
+    assert all("x_split_read_time" in t for t in result["targets"])
     text = format_kernel_bench(result)
     assert "speedup" in text and "torch:" in text

@@ -206,3 +206,41 @@ def test_rising_maxima_across_blocks(cpu_op, span):
     ])
     for isa in usable_isas():
         check_close(cpu_op(x, 0.5, 4.0, isa), x, 0.5, 4.0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
+def test_masked_tokens_in_long_rows(cpu_op, dtype):
+    """-inf entries after the first block: the fast sums (unclamped where the ISA allows) see a NaN and the block is
+    redone exactly, after which the rest of the row stays on the exact path; large offsets (the fused y = x log2e - M)
+    and a lone finite entry (max_prob exactly 1) across many blocks."""
+    V = 49_152
+    gen = torch.Generator().manual_seed(5)
+    rows = []
+    late = torch.randn(V, generator=gen) * 3
+    late[40_000] = -math.inf  # one masked token, late in the row
+    rows.append(late)
+    sparse = torch.randn(V, generator=gen) * 3
+    sparse[5_000::7] = -math.inf  # many masked tokens from the third block on
+    rows.append(sparse)
+    offset = torch.randn(V, generator=gen) * 2 + (1e4 if dtype != torch.float16 else 6e4)
+    rows.append(offset)
+    lone = torch.full((V,), -math.inf)
+    lone[30_000] = 7.0
+    rows.append(lone)
+    x = torch.stack(rows).to(dtype)
+    for isa in usable_isas():
+        out = cpu_op(x, 0.5, 4.0, isa)
+        check_close(out, x, 0.5, 4.0)
+        assert int(out[4][3]) == 30_000 and float(out[2][3]) == 1.0 and float(out[0][3]) < 1e-6
+
+
+def test_read_rows_reads_every_byte_with_the_same_split(cpu_op):
+    """The benchmark's memory-limit baseline: a checksum of each row's bytes (32-bit words, then any tail bytes)."""
+    x = torch.zeros(3, 70_001)
+    x[0, 0] = 1.0  # 0x3f800000
+    x[2, -1] = 2.0  # 0x40000000, in the last chunk
+    for isa in usable_isas():
+        out = torch.ops.sedac_cpu.read_rows(x, isa)
+        assert out.tolist() == [0x3F800000, 0, 0x40000000]
+        h = torch.ops.sedac_cpu.read_rows(torch.ones(2, 3, dtype=torch.float16), isa)  # 6 bytes: one word + tail
+        assert h.tolist() == [0x3C003C00 + 0x00 + 0x3C, 0x3C003C00 + 0x00 + 0x3C]
