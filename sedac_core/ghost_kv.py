@@ -17,7 +17,8 @@ from typing import Any, Callable
 
 import torch
 
-from .exits import ExitData, ProfileError, split_by_prompt
+from .errors import ConfigError
+from .exits import ExitData, ExitHeads, ProfileError, find_profile, split_by_prompt
 
 GHOST_VERSION = 1
 WEIGHTS = "ghost_kv.safetensors"
@@ -231,15 +232,42 @@ def reconstruction_error(bundle: Any, ghost: GhostKV | None, data: ExitData, exi
 
 def train_ghost_kv(bundle: Any, data: ExitData, exit_layers: list[int], *, rank: int = 128,
                    progress: Progress | None = None) -> tuple[GhostKV, dict[str, Any]]:
-    """Fit on the training split; report held-out relative L2 per exit layer (mean over its skipped layers),
-    for Ghost KV and for propagation."""
+    """Fit on the training split; report held-out cosine and relative L2 per exit layer (mean over its skipped
+    layers), for Ghost KV and for propagation."""
+    if rank < 1:
+        raise ConfigError(f"the Ghost KV rank is {rank}; it must be at least 1 (e.g. 128)")
     train, test = split_by_prompt(data)
-    ghost = fit_ghost_kv(bundle, train, exit_layers, rank=rank, progress=progress)
+    fit_share = 0.8  # of the progress bar; the held-out evaluation takes the rest
+    ghost = fit_ghost_kv(bundle, train, exit_layers, rank=rank,
+                         progress=(lambda m, f: progress(m, f * fit_share)) if progress else None)
     report: dict[str, Any] = {"train_tokens": len(train), "held_out_tokens": len(test), "rank": ghost.rank,
                               "parameters": ghost.num_parameters(), "held_out": {}}
-    for e in exit_layers:
+    for i, e in enumerate(exit_layers):
         err = reconstruction_error(bundle, ghost, test, e)
         mean = lambda key: round(sum(r[key] for r in err.values()) / len(err), 4)  # noqa: E731
         report["held_out"][str(e)] = {k: mean(k) for k in next(iter(err.values()))}
+        if progress:
+            done = fit_share + (1 - fit_share) * (i + 1) / len(exit_layers)
+            progress(f"exit layer {e}: held-out error measured", done)
     ghost.meta.update(report)
     return ghost, report
+
+
+def ghost_exit_layers(bundle: Any) -> list[int]:
+    """The exit layers to train a Ghost KV for: those of the model's exit heads (the engine predicts K/V only at
+    an exit, so a Ghost KV without exit heads would never run)."""
+    directory = find_profile(bundle.fingerprint)
+    if directory is None:
+        raise ProfileError(f"no exit heads for {bundle.name}; Ghost KV is trained for their exit layers, so run "
+                           "`sedac-chat train` first")
+    return ExitHeads.load(directory, hidden_size=int(bundle.model.config.hidden_size)).layers
+
+
+def held_out_summary(report: dict[str, Any]) -> dict[str, dict[str, float]]:
+    """Per fill (ghost, propagate): the held-out K/V cosine and relative L2, averaged over the exit layers."""
+    rows = list(report["held_out"].values())
+    out: dict[str, dict[str, float]] = {}
+    for fill in ("ghost", "propagate"):
+        keys = [k for k in rows[0] if k.startswith(fill + "_")] if rows else []
+        out[fill] = {k[len(fill) + 1:]: round(sum(r[k] for r in rows) / len(rows), 4) for k in keys}
+    return out
