@@ -2,10 +2,12 @@
 
 Two ways: (a) percentiles, as SEDAC users know them (entropy_threshold_min -> P20, entropy_threshold_base -> P50
 of the exit signal, o1_high_entropy_threshold -> P90 of the final entropy); (b), the default, a target agreement:
-the loosest tau_low whose exits still agree with the full model at least `target` of the time."""
+the loosest tau_low whose exits still agree with the full model at least `target` of the time. Online, during a
+session (`sedac.adaptive_threshold`): running percentiles of the final entropy (AdaptiveThresholds)."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,3 +145,98 @@ def calibrate_heads(bundle: Any, heads: Any, data: Any, *, target_agreement: flo
                     min_layer=min_layer)
     heads.meta["calibration"] = cal.to_meta()
     return cal
+
+
+class OnlinePercentiles:
+    """Percentiles of the last `window` values seen (a ring buffer: bounded memory, and it follows a session whose
+    text drifts, e.g. from chat to code). Non-finite values are ignored. Queries sort the window (O(W log W)), so
+    callers ask every N values, not every value."""
+
+    def __init__(self, window: int = 1024) -> None:
+        if window < 1:
+            raise ValueError(f"window is {window}; it must be at least 1")
+        self.window = window
+        self._values: list[float] = []
+        self._next = 0  # where the next value goes once the buffer is full
+        self.count = 0  # values added over the whole lifetime (not only those still in the window)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def add(self, value: float) -> None:
+        if not math.isfinite(value):
+            return
+        self.count += 1
+        if len(self._values) < self.window:
+            self._values.append(float(value))
+        else:
+            self._values[self._next] = float(value)
+            self._next = (self._next + 1) % self.window
+
+    def percentiles(self, qs: tuple[float, ...]) -> tuple[float, ...]:
+        """Linear interpolation between order statistics (as torch.quantile / numpy's default)."""
+        if not self._values:
+            raise ValueError("no values yet")
+        ordered = sorted(self._values)
+        last = len(ordered) - 1
+        out = []
+        for q in qs:
+            pos = min(max(q, 0.0), 1.0) * last
+            lo = int(pos)
+            hi = min(lo + 1, last)
+            out.append(ordered[lo] + (ordered[hi] - ordered[lo]) * (pos - lo))
+        return tuple(out)
+
+
+@dataclass(frozen=True)
+class AdaptiveUpdate:
+    """What the adaptive thresholds propose after a batch of tokens: tau_high (= P90), tau_low (= P50, or None
+    when it must stay: calibrated for a target agreement), and the percentile estimates shown to the user."""
+
+    tau_low: float | None
+    tau_high: float
+    percentiles: dict[str, float]
+
+
+class AdaptiveThresholds:
+    """`sedac.adaptive_threshold`: online P20/P50/P90 of the final next-token entropy of this session's tokens.
+
+    Mapping (as SEDAC users know it): entropy_threshold_min -> P20, entropy_threshold_base (tau_low) -> P50,
+    o1_high_entropy_threshold (tau_high, the O1 trigger) -> P90. tau_high always follows P90. tau_low follows P50
+    only when it is not calibrated for a target agreement: that calibration is the quality guarantee, and on the
+    default model P50 of the final entropy sits far above the calibrated tau_low (see the README), so following
+    it would exit many tokens the full model disagrees with. P20 is reported, never applied (the floor stays the
+    configured one). A proposal comes at most every `every` tokens, after `min_samples` (about one answer: a P90
+    from fewer rests on a handful of tail tokens), and only when a value moved by more than `tolerance` bits."""
+
+    def __init__(self, *, window: int = 1024, every: int = 32, min_samples: int = 128,
+                 tolerance: float = 0.05) -> None:
+        if every < 1 or min_samples < 1:
+            raise ValueError("every and min_samples must be at least 1")
+        self.estimator = OnlinePercentiles(window)
+        self.every = every
+        self.min_samples = min_samples
+        self.tolerance = tolerance
+        self.paused = False  # a manual change wins: adaptation stops applying until resumed (it keeps observing)
+        self._since = 0
+
+    def observe(self, entropy_bits: float) -> None:
+        self.estimator.add(entropy_bits)
+        self._since += 1
+
+    def propose(self, tau_low: float, tau_high: float, move_tau_low: bool) -> AdaptiveUpdate | None:
+        """Called after each token; None unless `every` tokens passed and a threshold should move."""
+        if self._since < self.every or len(self.estimator) < self.min_samples:
+            return None
+        self._since = 0
+        if self.paused:
+            return None
+        p20, p50, p90 = self.estimator.percentiles((0.2, 0.5, 0.9))
+        shown = {"p20": round(p20, 4), "p50": round(p50, 4), "p90": round(p90, 4), "n": len(self.estimator)}
+        new_low = round(p50, 4) if move_tau_low else None
+        new_high = round(p90, 4)
+        moved = abs(new_high - tau_high) > self.tolerance or (
+            new_low is not None and abs(new_low - tau_low) > self.tolerance)
+        if not moved:
+            return None
+        return AdaptiveUpdate(tau_low=new_low, tau_high=new_high, percentiles=shown)

@@ -423,11 +423,14 @@ class _ServerState:
             yield
             return
         saved = (engine.tau_low, engine.tau_high)
-        engine.set_thresholds(options.tau_low, options.tau_high, source="api")
+        was_adapting = engine.adaptive_paused is False
+        engine.set_thresholds(options.tau_low, options.tau_high, source="api")  # pauses adaptation meanwhile
         try:
             yield
         finally:
             engine.set_thresholds(*saved, source="api")
+            if was_adapting:
+                engine.set_adaptive(True)
 
     @staticmethod
     @contextmanager
