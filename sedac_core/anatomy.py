@@ -235,11 +235,49 @@ class Anatomy:
                 mask &= kpos > qpos - layer.window
             attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
                                                   enable_gqa=True)
+        return self.layer_output(layer, x, attn)
+
+    def layer_output(self, layer: Layer, x: torch.Tensor, attn: torch.Tensor) -> torch.Tensor:
+        """The rest of a decoder layer once attention is done: attn [B, heads, T, head_dim] -> output projection,
+        residual, MLP, residual."""
+        B, T, _ = x.shape
         attn = attn.transpose(1, 2).reshape(B, T, self.q_size)
         x = x + F.linear(attn, layer.o_w, layer.o_b)
         h = self.rms_norm(x, layer.post_norm)
         gate, up = F.linear(h, layer.gu_w, layer.gu_b).chunk(2, dim=-1)
         return x + F.linear(self.act(gate) * up, layer.down_w, layer.down_b)
+
+    def branch_layer_forward(self, layer: Layer, x: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
+                             branch_k: torch.Tensor, branch_v: torch.Tensor, step: int,
+                             cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """One decoder layer for n branches that share a cached prefix, one new token each (x [n, 1, hidden], all
+        at position P + step, P = prefix length). The prefix K/V [1, kv_heads, P, head_dim] are read, never
+        written or copied per branch: all branches' queries meet them in one matmul per KV head. The branches' own
+        K/V for steps 0..step live in branch_k/branch_v [n, kv_heads, >step, head_dim]; this step's are written
+        there. The same arithmetic as layer_forward (up to float rounding), without touching the cache."""
+        n = x.shape[0]
+        P = prefix_k.shape[2]
+        q, k, v = self.project_kv(layer, x, cos, sin)
+        branch_k[:, :, step] = k[:, :, 0]
+        branch_v[:, :, step] = v[:, :, 0]
+        lo = 0  # the first position this query may see (sliding-window layers)
+        if layer.window is not None:
+            lo = max(0, P + step + 1 - layer.window)
+        kp, vp = prefix_k[0, :, min(lo, P):], prefix_v[0, :, min(lo, P):]  # [kv_heads, P', head_dim]
+        first = max(0, lo - P)
+        kb, vb = branch_k[:, :, first : step + 1], branch_v[:, :, first : step + 1]  # [n, kv_heads, S, head_dim]
+        hk, g, d = self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim
+        qg = q.view(n, hk, g, d)  # query head j*g+i reads KV head j, as SDPA's grouped-query attention does
+        rows = qg.permute(1, 0, 2, 3).reshape(hk, n * g, d)  # every branch's queries of one KV head: one matmul
+        s_prefix = torch.matmul(rows, kp.transpose(-1, -2)).view(hk, n, g, -1).permute(1, 0, 2, 3)
+        s_branch = torch.matmul(qg, kb.transpose(-1, -2))
+        scores = torch.cat((s_prefix, s_branch), dim=-1).float() * self.scaling
+        p = torch.softmax(scores, dim=-1).to(q.dtype)
+        Pp = kp.shape[1]
+        p_prefix = p[..., :Pp].permute(1, 0, 2, 3).reshape(hk, n * g, Pp)
+        out = torch.matmul(p_prefix, vp).view(hk, n, g, d).permute(1, 0, 2, 3)
+        out = out + torch.matmul(p[..., Pp:], vb)
+        return self.layer_output(layer, x, out.reshape(n, hk * g, 1, d))
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -1,6 +1,7 @@
 """O1 deep reasoning on tiny models: the trigger policy on crafted distributions, exact cache rollback after a
-lookahead (the output equals a fresh run forced to make the same choices), branch scoring on a model built so the
-better branch is known, the engine controls, and O1 events through a recorded session."""
+lookahead (the output equals a fresh run forced to make the same choices), batched rollouts equal to sequential
+ones, branch scoring on a model built so the better branch is known, the engine controls, the `o1` config section,
+the eval's dev/test split, and O1 events through a recorded session."""
 
 from __future__ import annotations
 
@@ -10,11 +11,13 @@ import pytest
 import torch
 
 from conftest import make_bundle
+from sedac_core.config import O1_STRATEGIES, SedacConfig
 from sedac_core.engine import GenerationRequest, SedacEngine
+from sedac_core.errors import ConfigError
 from sedac_core.entropy import token_stats
 from sedac_core.events import Event, GenerationEnd, ModeChange, O1Event
 from sedac_core.o1_eval import EvalItem, load_eval_items, paired_bootstrap_ci
-from sedac_core.reasoning import Lookahead, O1Budget, O1Settings, Reasoner, Thought, TriggerPolicy
+from sedac_core.reasoning import STRATEGIES, Lookahead, O1Budget, O1Settings, Reasoner, Thought, TriggerPolicy
 from sedac_core.session import SessionRecorder, read_session
 
 V = 400
@@ -158,7 +161,8 @@ def test_output_after_triggers_equals_a_fresh_forced_run(arch):
             assert a.token_id == b.token_id
 
 
-def test_lookahead_leaves_the_cache_bit_identical(tiny_qwen2_bundle):
+@pytest.mark.parametrize("batched", [True, False])
+def test_lookahead_leaves_the_cache_bit_identical(tiny_qwen2_bundle, batched):
     engine = SedacEngine(tiny_qwen2_bundle)
     with torch.inference_mode():
         ids = engine.bundle.chat.encode([{"role": "user", "content": "Hello there"}])
@@ -169,7 +173,7 @@ def test_lookahead_leaves_the_cache_bit_identical(tiny_qwen2_bundle):
         values = [v[:, :, :pos].clone() for v in cache.values]
         fill, token_ids = cache.fill[:, :pos].clone(), list(cache.token_ids)
         thought = Lookahead().think(engine, logits, pos, O1Settings(top_k=3, rollout_tokens=4,
-                                                                    min_candidate_prob=0.0),
+                                                                    min_candidate_prob=0.0, batched_rollouts=batched),
                                         banned=frozenset(engine._eos))  # EOS would end its rollout early
         assert thought.extra_forward_passes == 12 and len(thought.candidates) == 3
         assert cache.length == pos and cache.token_ids == token_ids
@@ -275,7 +279,7 @@ def test_o1_events_serialise_and_replay(tmp_path, tiny_llama_bundle):
 # -- eval set and scoring ------------------------------------------------------------------------------------------
 def test_eval_set_and_scoring_rules():
     items = load_eval_items()
-    assert len(items) == 100 and len({i.id for i in items}) == 100
+    assert len(items) == 200 and len({i.id for i in items}) == 200  # dev + test
     assert {i.kind for i in items} == {"arith", "count", "capital", "fact"}
     six_seven = EvalItem(id="x", kind="arith", question="What is 6 * 7?", answers=("42", "forty-two"), rule="number")
     assert six_seven.score("6 * 7 = 42")
@@ -286,3 +290,134 @@ def test_eval_set_and_scoring_rules():
     assert cap.score("The capital of Italy is Rome.") and not cap.score("Romeo")
     lo, hi = paired_bootstrap_ci([False] * 10, [True] * 10)
     assert lo == hi == 1.0
+
+
+def test_eval_splits_are_disjoint_and_tuning_never_sees_test():
+    dev, test = load_eval_items(split="dev"), load_eval_items(split="test")
+    assert len(dev) == len(test) == 100
+    assert not {i.id for i in dev} & {i.id for i in test}
+    assert not {i.question.lower() for i in dev} & {i.question.lower() for i in test}
+    assert {i.kind for i in test} == {"arith", "count", "capital", "fact"}
+    assert len(load_eval_items(split="all")) == len(load_eval_items()) == 200
+    with pytest.raises(ConfigError, match="unknown O1 eval split 'train'"):
+        load_eval_items(split="train")
+    for item in test:  # the number rule skips the question's operands: an answer must not be one of them
+        if item.kind == "arith":
+            assert not item.score(item.question), item.id
+
+
+# -- batched rollouts ----------------------------------------------------------------------------------------------
+def _prefilled(engine: SedacEngine, text: str) -> tuple[torch.Tensor, int]:
+    ids = engine.bundle.chat.encode([{"role": "user", "content": text}])
+    engine._prepare_cache(len(ids) + 8)
+    logits, _ = engine._forward(ids, 0, False)
+    return logits, len(ids)
+
+
+def _same_thoughts(seq: Thought, bat: Thought) -> None:
+    assert bat.token_id == seq.token_id and bat.extra_forward_passes == seq.extra_forward_passes
+    assert len(bat.candidates) == len(seq.candidates)
+    for a, b in zip(seq.candidates, bat.candidates):
+        assert (a["token_id"], a["rollout"], a["prob"]) == (b["token_id"], b["rollout"], b["prob"])
+        for key in ("score", "mean_logprob", "mean_entropy_bits"):
+            assert b[key] == pytest.approx(a[key], abs=2e-5), key
+
+
+@pytest.mark.parametrize("arch, window", [("llama", None), ("qwen2", None), ("qwen2", 12), ("llama", 3)])
+def test_batched_rollouts_equal_sequential(arch, window):
+    engine = SedacEngine(make_bundle(arch, seed=2))
+    if window is not None:  # sliding-window layers (Mistral/Qwen2 style): the prefix, then the branch, is cut
+        for layer in engine.anatomy.layers[::2]:
+            layer.window = window
+    with torch.inference_mode():
+        logits, pos = _prefilled(engine, "The capital of France is")
+        cache = engine._cache
+        before = ([k.clone() for k in cache.keys], [v.clone() for v in cache.values], cache.fill.clone(),
+                  cache.length, list(cache.token_ids), cache.capacity)
+        thoughts = {}
+        for batched in (True, False):
+            s = O1Settings(top_k=4, rollout_tokens=6, min_candidate_prob=0.0, batched_rollouts=batched)
+            thoughts[batched] = Lookahead().think(engine, logits, pos, s)
+            if batched:  # the batched rollout only reads the cache: every buffer, fill kind and length as before
+                assert all(torch.equal(k, k0) for k, k0 in zip(cache.keys, before[0]))
+                assert all(torch.equal(v, v0) for v, v0 in zip(cache.values, before[1]))
+                assert torch.equal(cache.fill, before[2])
+                assert (cache.length, cache.token_ids, cache.capacity) == before[3:]
+    assert thoughts[True].extra_forward_passes == 24
+    _same_thoughts(thoughts[False], thoughts[True])
+
+
+def test_batched_rollouts_drop_branches_that_end():
+    """A branch that reaches EOS leaves the batch; the others go on, as in the sequential rollouts."""
+    engine, prompt_ids = _bigram_engine()
+    (eos,) = engine._eos
+    with torch.no_grad():  # B -> C -> EOS now: B's rollout ends after two steps
+        w = engine.bundle.model.lm_head.weight
+        w[D, 3] = 0.0
+        w[eos, 3] = 3.0
+    thoughts = {}
+    with torch.inference_mode():
+        engine._prepare_cache(len(prompt_ids) + 8)
+        logits, _ = engine._forward(prompt_ids, 0, False)
+        for batched in (True, False):
+            s = O1Settings(top_k=3, rollout_tokens=4, min_candidate_prob=0.0, batched_rollouts=batched)
+            thoughts[batched] = Lookahead().think(engine, logits, len(prompt_ids), s)
+    by_token = {c["token_id"]: c for c in thoughts[True].candidates}
+    assert by_token[B]["rollout"] == engine.bundle.tokenizer.decode([B, C], skip_special_tokens=True)
+    assert thoughts[True].extra_forward_passes == 4 + 2 + 4
+    _same_thoughts(thoughts[False], thoughts[True])
+
+
+def test_engine_output_is_the_same_with_batched_and_sequential_rollouts():
+    engine = SedacEngine(make_bundle("llama", seed=1))
+    engine.reasoner = Reasoner(O1Settings(min_spacing=2, max_triggers=4, max_extra_passes=100, top_k=3,
+                                          rollout_tokens=3, min_candidate_prob=0.0))
+    engine.set_thresholds(tau_high=1.0)
+    req = dict(prompt="The capital of France is", max_new_tokens=14, ignore_eos=True, o1=True)
+    runs = {}
+    for batched in (True, False):
+        engine.reasoner.settings.batched_rollouts = batched
+        engine.reset()
+        runs[batched] = engine.generate(GenerationRequest(**req))
+    assert runs[True].token_ids == runs[False].token_ids
+    o1 = {b: [e for e in r.events if isinstance(e, O1Event)] for b, r in runs.items()}
+    assert len(o1[True]) == 4 and [e.choice for e in o1[True]] == [e.choice for e in o1[False]]
+
+
+# -- the o1 config section -----------------------------------------------------------------------------------------
+def test_o1_config_section_reaches_the_engine(tmp_path, tiny_llama_bundle):
+    p = tmp_path / "c.yaml"
+    p.write_text("sedac:\n  enable_o1_reasoning: true\no1:\n  top_k: 2\n  rollout_tokens: 5\n"
+                 "  entropy_penalty: 0.3\n  min_spacing: 6\n  max_triggers: 3\n  max_extra_passes: 30\n"
+                 "  min_varentropy: 1.5\n  strategy: lookahead\n")
+    cfg = SedacConfig.load(p)
+    engine = SedacEngine(tiny_llama_bundle, cfg)
+    s = engine.reasoner.settings
+    assert (s.top_k, s.rollout_tokens, s.entropy_penalty, s.min_spacing, s.max_triggers, s.max_extra_passes,
+            s.min_varentropy) == (2, 5, 0.3, 6, 3, 30, 1.5)
+    assert isinstance(engine.reasoner.strategy, Lookahead)
+    assert engine.session_header().config["o1"]["top_k"] == 2
+    defaults = SedacEngine(tiny_llama_bundle).reasoner.settings
+    assert vars(defaults) == vars(O1Settings())  # the config's defaults are the reasoner's
+    assert set(STRATEGIES) == set(O1_STRATEGIES)
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [
+        ("o1:\n  top_k: 0\n", "'o1.top_k' is 0, out of range"),
+        ("o1:\n  rollout_tokens: 2.5\n", "'o1.rollout_tokens' must be an integer"),
+        ("o1:\n  strategy: mcts\n", "'o1.strategy' is 'mcts'; choose one of: lookahead"),
+        ("o1:\n  min_varentropy: lots\n", "'o1.min_varentropy' must be a number or null"),
+        ("o1:\n  min_varentropy: -1\n", "'o1.min_varentropy' is -1, out of range"),
+        ("o1:\n  entropy_penalty: -0.1\n", "'o1.entropy_penalty' is -0.1, out of range"),
+        ("o1:\n  min_spacing: 0\n", "'o1.min_spacing' is 0, out of range"),
+        ("o1:\n  top_k: 5\n  rollout_tokens: 8\n", "o1.top_k \\* o1.rollout_tokens = 40 passes"),
+        ("o1:\n  k: 3\n", "unknown key 'o1.k'"),
+    ],
+)
+def test_bad_o1_config_names_the_key(tmp_path, text, match):
+    p = tmp_path / "c.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError, match=match):
+        SedacConfig.load(p)
