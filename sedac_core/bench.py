@@ -27,6 +27,9 @@ BENCH_PROMPTS = [
 ]
 
 
+HF_EARLY_EXIT = "hf-early-exit"  # transformers' generate(assistant_early_exit=E), a bench-only mode
+
+
 def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -47,8 +50,10 @@ def run_decode_bench(
     modes = [m for m in (modes or ["full"]) if m != "hf"]  # hf (generate) is always the baseline
     if "full" not in modes:
         modes.insert(0, "full")  # speedup_vs_full needs it
+    hf_modes = [m for m in modes if m == HF_EARLY_EXIT]  # transformers' own runs, beside the engine's
     bundle = load_model(model, local=local, progress=echo)
     engine = SedacEngine(bundle)
+    engine.set_adaptive(False)  # every mode and round at the same thresholds
     prompts = (prompts or BENCH_PROMPTS)[: max(1, n_prompts)]
     # the baseline is transformers' own model, loaded separately: the engine re-lays its copy's weights
     from transformers import AutoModelForCausalLM
@@ -64,7 +69,25 @@ def run_decode_bench(
                                     do_sample=False)
         return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist()
 
+    # transformers' self-speculative early exit drafts with the first E layers (its LayerSkip support): the
+    # same idea as lossless mode, without trained exits, for comparison in the same table
+    early_exit_layer = max(1, round(0.8 * engine.num_layers))
+    if engine.exit_heads is not None:
+        from .speculative import Drafter
+
+        early_exit_layer = Drafter(engine, engine.config.lossless).draft_layer
+
+    def run_hf_early_exit(prompt: str) -> tuple[float, list[int], Any]:
+        ids = torch.tensor([tokenizer_ids[prompt]], device=bundle.device)
+        t0 = time.perf_counter()
+        with torch.inference_mode():
+            out = hf_model.generate(ids, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+                                    do_sample=False, assistant_early_exit=early_exit_layer)
+        return time.perf_counter() - t0, out[0, ids.shape[1]:].tolist(), None
+
     def run_mode(mode: str, prompt: str) -> tuple[float, list[int], Any]:
+        if mode == HF_EARLY_EXIT:
+            return run_hf_early_exit(prompt)
         engine.reset()  # no prefix reuse between runs: every run prefills its prompt like generate does
         t0 = time.perf_counter()
         result = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=max_new_tokens, mode=mode,
@@ -90,6 +113,7 @@ def run_decode_bench(
     exact: dict[str, list[bool]] = {m: [] for m in modes}
     agreement: dict[str, list[float]] = {m: [] for m in modes}
     exit_layers: dict[str, list[float]] = {m: [] for m in modes}
+    drafts: dict[str, list[tuple[int, int, int]]] = {m: [] for m in modes}  # (drafted, accepted, rounds)
     for r in range(rounds):
         for prompt in prompts:
             order = ["hf", *modes] if r % 2 == 0 else [*modes, "hf"]
@@ -106,11 +130,18 @@ def run_decode_bench(
                 dt, ids, result = got[m]
                 ratios[m].append(got["hf"][0] / dt)
                 ratios_full[m].append(got["full"][0] / dt)
-                exact[m].append(ids == ref)
+                # full mode is checked against generate; every other mode against full-depth greedy decoding
+                exact[m].append(ids == (ref if m == "full" else got["full"][1]))
                 if r == 0:
-                    agreement[m].append(1.0 if m == "full" and ids == ref
-                                        else teacher_forced_agreement(m, prompt, ref))
+                    agreement[m].append(1.0 if m in ("full", "lossless", HF_EARLY_EXIT) and ids == ref
+                                        else teacher_forced_agreement(m, prompt, ref)
+                                        if m not in hf_modes else float("nan"))
+                if result is None:  # transformers' run: no per-token information
+                    exit_layers[m].append(float(engine.num_layers))
+                    continue
                 exit_layers[m].append(result.avg_exit_layer)
+                end = result.events[-1]
+                drafts[m].append((end.drafted, end.accepted, end.rounds))
             echo(f"round {r + 1} · {prompt[:40]!r}: " + ", ".join(
                 f"{name} {max_new_tokens / got[name][0]:.1f} tok/s" for name in order))
     n_tokens = max_new_tokens
@@ -142,14 +173,28 @@ def run_decode_bench(
             "avg_exit_layer": round(statistics.mean(exit_layers[m]), 2),
             "skip_ratio": round(1 - statistics.mean(exit_layers[m]) / engine.num_layers, 4),
         }
+        if m == "lossless":
+            drafted, accepted, n_rounds = (sum(x[i] for x in drafts[m]) for i in range(3))
+            report["modes"][m].update(
+                acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
+                avg_draft_len=round(drafted / n_rounds, 3) if n_rounds else 0.0,
+                tokens_per_round=round(n_tokens * len(drafts[m]) / n_rounds, 3) if n_rounds else 0.0,
+                draft_layer=early_exit_layer)
+        if m == HF_EARLY_EXIT:
+            report["modes"][m].update(draft_layer=early_exit_layer, agreement=None, skip_ratio=None,
+                                      avg_exit_layer=None)
     report["hf"]["tok_per_s"] = round(report["hf"]["tok_per_s"], 2)
     echo("")
     echo(f"{'mode':<10} {'tok/s':>8} {'vs HF':>7} {'vs full':>8} {'exact':>6} {'agree':>6} {'skip':>6} {'exit':>6}")
     echo(f"{'hf':<10} {report['hf']['tok_per_s']:>8.1f} {'1.00x':>7}")
     for m, row in report["modes"].items():
+        quality = ("" if row["agreement"] is None else
+                   f" {row['agreement']:>6.3f} {row['skip_ratio']:>6.3f} {row['avg_exit_layer']:>6.1f}")
         echo(f"{m:<10} {row['tok_per_s']:>8.1f} {row['speedup_vs_hf']:>6.2f}x {row['speedup_vs_full']:>7.2f}x "
-             f"{row['exact_match']:>6.2f} {row['agreement']:>6.3f} {row['skip_ratio']:>6.3f} "
-             f"{row['avg_exit_layer']:>6.1f}")
+             f"{row['exact_match']:>6.2f}{quality}")
+        if "acceptance_rate" in row:
+            echo(f"{'':<10} drafts at layer {row['draft_layer']}: acceptance {row['acceptance_rate']:.3f}, "
+                 f"{row['avg_draft_len']:.2f} drafted and {row['tokens_per_round']:.2f} tokens per verification")
     if report["oracle_skip_ratio"] is not None:
         echo(f"oracle skip ratio with these exit heads: {report['oracle_skip_ratio']:.3f} "
              f"(tau_low {report['tau_low']}, profile {report['profile']})")

@@ -1,4 +1,4 @@
-"""SedacConfig: the settings a SEDAC user knows (model, sedac, performance, generation, tui), loaded from and
+"""SedacConfig: the settings a SEDAC user knows (model, sedac, o1, performance, generation, tui), loaded from and
 saved to YAML, validated with errors that name the offending key."""
 
 from __future__ import annotations
@@ -10,10 +10,11 @@ from typing import Any
 
 from .errors import ConfigError
 
-MODES = ("full", "exit")  # later issues extend this tuple (lossless)
+MODES = ("full", "exit", "lossless")
 KERNEL_BACKENDS = ("auto", "cuda", "cpp", "torch")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
+O1_STRATEGIES = ("lookahead",)  # the names reasoning.STRATEGIES registers (a test keeps the two in step)
 
 
 @dataclass
@@ -62,6 +63,64 @@ class SedacSection:
 
 
 @dataclass
+class O1Section:
+    """How O1 deep reasoning triggers and how hard it thinks. Whether it runs is `sedac.enable_o1_reasoning`;
+    its trigger threshold (tau_high, final-layer entropy in bits) is `sedac.o1_high_entropy_threshold`."""
+
+    strategy: str = "lookahead"
+    top_k: int = 3  # k: candidates rolled out at a trigger
+    rollout_tokens: int = 4  # m: greedy tokens each candidate is rolled out for
+    entropy_penalty: float = 0.1  # branch score = mean log-prob (nats) - penalty * mean entropy (bits)
+    min_candidate_prob: float = 0.02  # candidates below this probability are not rolled out (the argmax always is)
+    min_spacing: int = 4  # at least this many tokens between two triggers of one response
+    max_triggers: int = 2  # per response
+    max_extra_passes: int = 24  # per response: token forward passes spent on rollouts
+    min_varentropy: float | None = None  # also require varentropy (bits^2) above this; null: entropy alone
+
+    def validate(self) -> None:
+        _choice("o1.strategy", self.strategy, O1_STRATEGIES)
+        _range("o1.top_k", self.top_k, 1, 64)
+        _range("o1.rollout_tokens", self.rollout_tokens, 1, 256)
+        _range("o1.entropy_penalty", self.entropy_penalty, 0.0, 100.0)
+        _range("o1.min_candidate_prob", self.min_candidate_prob, 0.0, 1.0)
+        _range("o1.min_spacing", self.min_spacing, 1, 1_000_000)
+        _range("o1.max_triggers", self.max_triggers, 0, 1_000_000)
+        _range("o1.max_extra_passes", self.max_extra_passes, 0, 100_000_000)
+        if self.min_varentropy is not None:
+            if isinstance(self.min_varentropy, bool) or not isinstance(self.min_varentropy, (int, float)):
+                raise ConfigError(f"'o1.min_varentropy' must be a number or null, got {self.min_varentropy!r}")
+            _range("o1.min_varentropy", self.min_varentropy, 0.0, 1024.0)
+        if self.top_k * self.rollout_tokens > self.max_extra_passes and self.max_triggers > 0:
+            raise ConfigError(
+                f"one O1 trigger costs o1.top_k * o1.rollout_tokens = {self.top_k * self.rollout_tokens} passes, "
+                f"more than o1.max_extra_passes ({self.max_extra_passes}): O1 could never trigger; raise "
+                "max_extra_passes or lower top_k/rollout_tokens"
+            )
+
+
+@dataclass
+class LosslessSection:
+    """Lossless mode (self-speculative decoding): what the drafts are made of. Whatever these are, greedy output
+    is the full model's; they only change the speed."""
+
+    draft_layer: int = 0  # the exit layer that drafts; 0: the profile's choice (measured for the shipped model)
+    max_draft_tokens: int = 8  # most tokens drafted before one verification pass
+    draft_vocab_size: int = 4096  # drafts are picked among this many of the model's most frequent output tokens
+    # keep drafting at the exit layer while the draft distribution's entropy (bits) stays below this
+    exit_draft_entropy: float = 0.5
+    # else run the token at full depth and draft it with the reduced head while its entropy stays below this;
+    # 0 turns full-depth drafting off (a token that cannot exit then ends the draft)
+    full_draft_entropy: float = 1.5
+
+    def validate(self) -> None:
+        _range("lossless.draft_layer", self.draft_layer, 0, 10_000)
+        _range("lossless.max_draft_tokens", self.max_draft_tokens, 1, 64)
+        _range("lossless.draft_vocab_size", self.draft_vocab_size, 16, 10_000_000)
+        _range("lossless.exit_draft_entropy", self.exit_draft_entropy, 0.0, 32.0)
+        _range("lossless.full_draft_entropy", self.full_draft_entropy, 0.0, 32.0)
+
+
+@dataclass
 class PerformanceSection:
     kernel_backend: str = "auto"
     enable_flash_attention: bool = True  # uses torch's SDPA, which picks flash kernels where it can
@@ -100,6 +159,8 @@ class TuiSection:
 class SedacConfig:
     model: ModelSection = field(default_factory=ModelSection)
     sedac: SedacSection = field(default_factory=SedacSection)
+    o1: O1Section = field(default_factory=O1Section)
+    lossless: LosslessSection = field(default_factory=LosslessSection)
     performance: PerformanceSection = field(default_factory=PerformanceSection)
     generation: GenerationSection = field(default_factory=GenerationSection)
     tui: TuiSection = field(default_factory=TuiSection)

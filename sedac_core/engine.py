@@ -13,6 +13,7 @@ import torch
 
 from .anatomy import Anatomy, apply_rope
 from .cache import FILL_GHOST, FILL_PROPAGATED, StaticKVCache
+from .calibration import AdaptiveThresholds
 from .config import MODES, SedacConfig
 from .entropy import entropy_bits, set_backend, token_stats
 from .errors import ConfigError, PromptTooLongError, SedacError
@@ -27,14 +28,16 @@ from .events import (
     ThresholdChange,
     TokenEvent,
 )
-from .exits import ExitHeads, ProfileError, find_profile, shipped_profile_dir
+from .exits import ExitHeads, ProfileError, find_profile, shipped_profile_dir, user_profile_dir
 from .ghost_kv import GhostKV
 from .models import ModelBundle
 from .policy import EXIT, ExitPolicy
 from .reasoning import Reasoner
+from .speculative import Block, Drafter, accept_sampled
 
 TAU_GAP = 0.05  # tau_low stays at least this far below tau_high
 TAU_MAX = 20.0
+MANUAL_SOURCES = ("user", "api")  # threshold changes that pause adaptation: a person's choice wins
 TOP_K_SHOWN = 5
 
 
@@ -91,7 +94,8 @@ class GenerationResult:
 
     @property
     def token_events(self) -> list[TokenEvent]:
-        return [e for e in self.events if isinstance(e, TokenEvent)]
+        """The output tokens (lossless mode's rejected drafts are events too, but not output)."""
+        return [e for e in self.events if isinstance(e, TokenEvent) and e.draft != "rejected"]
 
     def to_json(self) -> dict:
         return {
@@ -159,10 +163,15 @@ class SedacEngine:
         # or "ghost" (Ghost KV: a learned predictor, when the profile has one; sedac.enable_ghost_kv selects it)
         self.kv_fill = "propagate"
         self.policy = ExitPolicy()
-        self.reasoner = Reasoner()  # O1 deep reasoning (settings: self.reasoner.settings)
+        self.reasoner = Reasoner.from_config(self.config.o1)  # O1 deep reasoning: the config's `o1` section
         self._o1 = bool(self.config.sedac.enable_o1_reasoning)
+        # sedac.adaptive_threshold: running percentiles of this session's final entropy move the thresholds
+        self._adaptive = AdaptiveThresholds() if self.config.sedac.adaptive_threshold else None
+        self._tau_low_source = "config"  # who set tau_low last (a target-agreement calibration pins it)
         self.profile_dir = None
         self.profile_notice = ""
+        self._drafter: Drafter | None = None
+        self._drafter_key: tuple | None = None
         self._load_profile()
         self.ghost_kv: GhostKV | None = None
         self.ghost_notice = ""  # why Ghost KV was asked for but is off; shown once, at the next exit generation
@@ -192,7 +201,9 @@ class SedacEngine:
                 self.ghost_notice = "Ghost KV needs exit heads (none loaded); the KV fill stays propagation"
             return
         a = self.anatomy
-        dirs = [self.profile_dir, shipped_profile_dir(self.bundle.fingerprint)]
+        # the user's own (`sedac-chat train --ghost-kv` writes there), then next to the exit heads, then shipped
+        fp = self.bundle.fingerprint
+        dirs = [user_profile_dir(fp), self.profile_dir, shipped_profile_dir(fp)]
         directory = next((d for d in dirs if d is not None and (d / "ghost_kv.json").is_file()), self.profile_dir)
         try:
             ghost = GhostKV.load(directory, hidden_size=a.hidden_size, num_layers=a.num_layers,
@@ -255,16 +266,60 @@ class SedacEngine:
 
     def set_thresholds(self, tau_low: float | None = None, tau_high: float | None = None,
                        source: str = "user") -> ThresholdChange:
+        event = self._apply_thresholds(tau_low, tau_high, source)
+        assert event is not None
+        return event
+
+    def _apply_thresholds(self, tau_low: float | None, tau_high: float | None, source: str,
+                          percentiles: dict[str, float] | None = None) -> ThresholdChange | None:
         floor = self._tau_floor
         with self._settings_lock:
+            if source == "adaptive" and (self._adaptive is None or self._adaptive.paused):
+                return None  # a manual change landed first (or adaptation was turned off): it wins
+            if source in MANUAL_SOURCES and self._adaptive is not None:
+                self._adaptive.paused = True
+            if tau_low is not None:
+                self._tau_low_source = source
             hi = self._tau_high if tau_high is None else float(tau_high)
             lo = self._tau_low if tau_low is None else float(tau_low)
             hi = min(max(hi, floor + TAU_GAP), TAU_MAX)
             lo = min(max(lo, floor), hi - TAU_GAP)
             self._tau_low, self._tau_high = round(lo, 4), round(hi, 4)
-            event = ThresholdChange(tau_low=self._tau_low, tau_high=self._tau_high, source=source, time=time.time())
+            event = ThresholdChange(tau_low=self._tau_low, tau_high=self._tau_high, source=source, time=time.time(),
+                                    percentiles=percentiles)
         self.bus.publish(event)
         return event
+
+    @property
+    def adaptive_paused(self) -> bool | None:
+        """None: adaptive thresholds are off; True: paused by a manual change; False: adapting."""
+        return None if self._adaptive is None else self._adaptive.paused
+
+    def set_adaptive(self, enabled: bool) -> None:
+        """Turn adaptive thresholds on (resuming after a manual change, keeping what was observed) or off."""
+        with self._settings_lock:
+            if not enabled:
+                self._adaptive = None
+            elif self._adaptive is None:
+                self._adaptive = AdaptiveThresholds()
+            else:
+                self._adaptive.paused = False
+
+    def _adapt(self, entropy_bits: float) -> ThresholdChange | None:
+        """After a token: feed its final entropy to the running percentiles; every N tokens, move tau_high to P90
+        and, unless a target-agreement calibration set it, tau_low to P50 (calibration.AdaptiveThresholds)."""
+        adaptive = self._adaptive
+        if adaptive is None:
+            return None
+        adaptive.observe(entropy_bits)
+        cal = (self.exit_heads.meta.get("calibration") or {}) if self.exit_heads is not None else {}
+        pinned = self._tau_low_source == "calibration" and cal.get("method") != "percentile"
+        update = adaptive.propose(self._tau_low, self._tau_high, move_tau_low=not pinned)
+        if update is None:
+            return None
+        lo = update.tau_low
+        hi = update.tau_high if lo is not None else max(update.tau_high, self._tau_low + TAU_GAP)
+        return self._apply_thresholds(lo, hi, "adaptive", update.percentiles)
 
     def set_mode(self, mode: str) -> ModeChange:
         if mode not in self.available_modes:
@@ -504,6 +559,16 @@ class SedacEngine:
         cur_exit = self.num_layers  # the depth at which the current logits were produced
         use_o1 = (self._o1 if req.o1 is None else req.o1) and forced is None
         o1_budget = self.reasoner.begin()
+        # lossless: rounds of drafts verified at full depth (teacher forcing has nothing to draft: full depth)
+        drafter = self._lossless_drafter(mode, forced is None)
+        if mode == "lossless" and drafter is None and forced is None:
+            yield self._emit(Notice(message=self.lossless_notice, time=time.time()))
+        block: Block | None = None  # the current round; `row` is the row whose logits are being consumed
+        row = 0
+        drafted = accepted = rounds = 0
+        banned = frozenset(self._eos) if req.ignore_eos else frozenset()
+        if drafter is not None:
+            drafter.begin(prompt_ids, banned)
         t0 = time.perf_counter()
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
         prefill_s = time.perf_counter() - t0
@@ -515,15 +580,37 @@ class SedacEngine:
                 logits[list(self._eos)] = float("-inf")
                 argmax = int(logits.argmax())
             o1 = None
+            row_draft = block.drafts[row] if block is not None else None
+            if use_o1 and block is not None and self.reasoner.policy.should_trigger(
+                    o1_budget, index, float(stats.entropy_bits[0]), float(stats.varentropy[0]), self._tau_high):
+                cache.truncate(pos)  # O1 rolls out from here: drop the round's later rows first
+                block = None
             if use_o1:  # O1: think harder at an uncertain position, before committing a token
                 o1 = self.reasoner.maybe_think(
                     self, o1_budget, logits, stats, pos=pos, index=index, generation_id=gid,
                     tau_high=self._tau_high, banned=frozenset(self._eos) if req.ignore_eos else frozenset())
+            draft_dist = block.draft_dists[row] if block is not None else None
             if o1 is not None:
                 token_id = o1[0]
                 yield self._emit(o1[1])
+            elif row_draft is not None and draft_dist is not None and generator is not None:
+                token_id, _ = accept_sampled(self._target_probs(logits, req), row_draft, draft_dist, generator)
             else:
                 token_id = self._choose(logits, req, generator, argmax)
+            draft_state = None
+            if drafter is not None and forced is None:
+                draft_state = "accepted" if row_draft is not None and token_id == row_draft else "verified"
+                if block is not None and draft_state == "accepted":
+                    cur_exit = block.draft_layers[row]
+                    accepted += 1
+                if row_draft is not None and draft_state != "accepted" and block is not None:
+                    # the full model disagreed: the draft is shown in the heatmap, never in the text
+                    yield self._emit(TokenEvent(
+                        generation_id=gid, index=index, token_id=row_draft, text="",
+                        exit_layer=block.draft_layers[row], num_layers=self.num_layers,
+                        entropy_bits=block.draft_entropy[row], confidence=0.0,
+                        decision="exit" if block.draft_layers[row] < self.num_layers else "full",
+                        draft="rejected", top_tokens=(), time_ms=0.0, position=pos))
             probs_top = torch.topk(logits.float(), k=min(TOP_K_SHOWN, logits.shape[-1]))
             lse = float(stats.logsumexp[0])
             top_tokens = tuple(
@@ -548,9 +635,13 @@ class SedacEngine:
                 num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),
                 confidence=float(stats.max_prob[0]),
                 decision="o1" if o1 is not None else "exit" if cur_exit < self.num_layers else "full",
-                draft=None, layer_entropies=layer_ent,
+                draft=draft_state, layer_entropies=layer_ent,
                 top_tokens=top_tokens, time_ms=step_ms, position=pos,
             ))
+            # adaptive thresholds learn from real generations only (teacher forcing is a measurement); in exit mode
+            # an exited token's entropy is its exit head's, the tuned-lens estimate of the final one
+            if forced is None and (change := self._adapt(float(stats.entropy_bits[0]))) is not None:
+                yield change  # already published; applies from the next token
             if is_eos:
                 stop_reason = "eos"
                 break
@@ -565,12 +656,27 @@ class SedacEngine:
                 break
             next_id = forced[index] if forced is not None else token_id
             t0 = time.perf_counter()
-            if use_exit:
+            if drafter is not None:
+                drafter.observe(token_id)
+                if block is not None and draft_state == "accepted" and row + 1 < block.rows:
+                    row += 1  # the draft was right: the round already holds the next token's logits
+                else:
+                    cache.truncate(pos)  # rows past this position were drafted on another token
+                    block = drafter.propose(next_id, pos, max_new - index - 1, temperature=req.temperature,
+                                            generator=generator)
+                    row = 0
+                    rounds += 1
+                    drafted += sum(d is not None for d in block.drafts)
+                logits, layer_ent = block.logits[row], None
+                cur_exit = self.num_layers
+            elif use_exit:
                 logits, cur_exit, layer_ent = self._forward_exit(next_id, pos)
             else:
                 logits, layer_ent = self._forward([next_id], pos, req.trace)
             step_ms = (time.perf_counter() - t0) * 1000
             pos += 1
+        if drafter is not None:
+            cache.truncate(pos)  # as full decoding leaves it: the last token is not fed yet
         elapsed = time.perf_counter() - t_start
         final_text = self.bundle.tokenizer.decode(token_ids, skip_special_tokens=True)
         if stop_reason == "stop_string":
@@ -581,7 +687,7 @@ class SedacEngine:
             generation_id=gid, tokens=n, tok_per_s=n / elapsed if elapsed > 0 else 0.0,
             skip_ratio=1.0 - avg_exit / self.num_layers if n else 0.0, avg_exit_layer=avg_exit,
             stop_reason=stop_reason, text=final_text, elapsed_s=elapsed, prefill_s=prefill_s,
-            o1_triggers=o1_budget.triggers, time=time.time(),
+            o1_triggers=o1_budget.triggers, time=time.time(), drafted=drafted, accepted=accepted, rounds=rounds,
         ))
 
     @staticmethod
@@ -604,12 +710,37 @@ class SedacEngine:
             return int(order[choice.to(order.device)].item())
         return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 
+    def _target_probs(self, logits: torch.Tensor, req: GenerationRequest) -> torch.Tensor:
+        """The distribution `_choose` samples from (temperature, then top-p), as a dense vector."""
+        probs = torch.softmax(logits.float() / req.temperature, dim=-1)
+        if req.top_p < 1.0:
+            sorted_p, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p
+            probs = torch.zeros_like(probs).scatter_(0, order, sorted_p * keep)
+            probs = probs / probs.sum()
+        return probs
+
+    def _lossless_drafter(self, mode: str, enabled: bool) -> Drafter | None:
+        """The drafter for lossless mode (None: another mode, or no exit heads to draft with)."""
+        if mode != "lossless" or not enabled or self.exit_heads is None:
+            return None
+        key = (id(self.exit_heads), repr(self.config.lossless))
+        if self._drafter is None or self._drafter_key != key:
+            self._drafter = Drafter(self, self.config.lossless)
+            self._drafter_key = key
+        return self._drafter
+
+    @property
+    def lossless_notice(self) -> str:
+        return ((self.profile_notice or "no exit heads loaded").split(";")[0]
+                + "; lossless mode drafts with them, so it runs at full depth (same output, no speed-up)")
+
     def _emit(self, event: Event) -> Event:
         self.bus.publish(event)
         return event
 
     def _result(self, events: list[Event], end: GenerationEnd) -> GenerationResult:
-        toks = [e for e in events if isinstance(e, TokenEvent)]
+        toks = [e for e in events if isinstance(e, TokenEvent) and e.draft != "rejected"]
         start = next(e for e in events if isinstance(e, GenerationStart))
         return GenerationResult(
             generated_text=end.text, tokens=end.tokens, token_ids=[t.token_id for t in toks],

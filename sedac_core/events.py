@@ -12,7 +12,7 @@ from typing import Any, Callable, ClassVar, Mapping
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.0"  # major.minor: bump the major when a field changes meaning, the minor when one is added
+SCHEMA_VERSION = "1.1"  # major.minor: bump the major when a field changes meaning, the minor when one is added
 
 
 @dataclass(frozen=True)
@@ -130,8 +130,10 @@ class ThresholdChange(Event):
     type: ClassVar[str] = "threshold_change"
     tau_low: float = 0.0
     tau_high: float = 0.0
-    source: str = "user"  # user | config | calibration
+    source: str = "user"  # user | api | config | calibration | adaptive
     time: float = 0.0
+    # adaptive only: this session's running final-entropy percentiles {p20, p50, p90, n} behind the change
+    percentiles: Mapping[str, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -166,6 +168,10 @@ class GenerationEnd(Event):
     prefill_s: float = 0.0
     o1_triggers: int = 0
     time: float = 0.0
+    # lossless mode: tokens drafted, drafts the full model accepted, speculation rounds (verification passes)
+    drafted: int = 0
+    accepted: int = 0
+    rounds: int = 0
 
 
 @dataclass(frozen=True)

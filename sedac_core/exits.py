@@ -45,6 +45,8 @@ class ExitHeads:
     probe_w: dict[int, torch.Tensor]  # [H]: predicted exit entropy (bits) = norm(t) . w + c
     probe_b: dict[int, float]
     meta: dict[str, Any] = field(default_factory=dict)
+    # token ids the model itself emits, most frequent first (lossless mode drafts over the leading ones)
+    draft_vocab: torch.Tensor | None = None
 
     def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.translator_b[layer], h.reshape(-1, h.shape[-1]), self.translator_w[layer]).view_as(h)
@@ -55,7 +57,7 @@ class ExitHeads:
     def to(self, device: Any, dtype: torch.dtype) -> "ExitHeads":
         conv = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
         return ExitHeads(self.layers, self.hidden_size, conv(self.translator_w), conv(self.translator_b),
-                         conv(self.probe_w), dict(self.probe_b), dict(self.meta))
+                         conv(self.probe_w), dict(self.probe_b), dict(self.meta), self.draft_vocab)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -68,6 +70,8 @@ class ExitHeads:
             tensors[f"translator.{l}.weight"] = self.translator_w[l].float().contiguous()
             tensors[f"translator.{l}.bias"] = self.translator_b[l].float().contiguous()
             tensors[f"probe.{l}.weight"] = self.probe_w[l].float().contiguous()
+        if self.draft_vocab is not None:
+            tensors["draft_vocab"] = self.draft_vocab.to(torch.int64).contiguous()
         meta = dict(self.meta)
         meta.update(version=PROFILE_VERSION, layers=self.layers, hidden_size=self.hidden_size,
                     probe_bias={str(l): float(self.probe_b[l]) for l in self.layers})
@@ -98,6 +102,7 @@ class ExitHeads:
                 probe_w={l: tensors[f"probe.{l}.weight"] for l in layers},
                 probe_b={l: float(meta["probe_bias"][str(l)]) for l in layers},
                 meta=meta,
+                draft_vocab=tensors.get("draft_vocab"),
             )
             for l in layers:
                 if heads.translator_w[l].shape != (hs, hs) or heads.probe_w[l].shape != (hs,):
@@ -361,4 +366,12 @@ def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epoch
                        for l in layers},
     }
     heads.meta.update(report)
+    heads.draft_vocab = build_draft_vocab(train.final_token)
     return heads, report
+
+
+def build_draft_vocab(tokens: torch.Tensor) -> torch.Tensor:
+    """The distinct token ids of the model's own output, most frequent first (ties: lower id first)."""
+    ids, counts = torch.unique(tokens.to(torch.int64), return_counts=True)
+    order = sorted(range(len(ids)), key=lambda i: (-int(counts[i]), int(ids[i])))
+    return ids[torch.tensor(order, dtype=torch.int64)] if order else ids

@@ -25,8 +25,8 @@ app = typer.Typer(
 ModelOpt = typer.Option(None, "--model", "-m", help="Model: a local HF directory, a .gguf file, or a hub id from "
                         "the local cache. Default: the embedded SmolLM2-135M-Instruct.")
 LocalOpt = typer.Option(False, "--local", help="Never use the network to find the model (local files and cache only).")
-ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (keys: model.*, sedac.*, performance.*, "
-                         "generation.*, tui.*).")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config file (keys: model.*, sedac.*, o1.*, "
+                         "performance.*, generation.*, tui.*).")
 DeviceOpt = typer.Option(None, "--device", help="auto | cpu | cuda")
 DtypeOpt = typer.Option(None, "--dtype", help="auto | float32 | float16 | bfloat16")
 
@@ -96,7 +96,8 @@ def chat(
     no_record: bool = typer.Option(False, "--no-record", help="Do not record the session."),
     theme: Optional[str] = typer.Option(None, "--theme", help="Theme name (sedac-dark, sedac-light, "
                                         "sedac-high-contrast, or one of yours)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode to start in."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode to start in: full, exit or lossless "
+                                       "(m cycles them in the app)."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
 ) -> None:
@@ -123,7 +124,8 @@ def ask(
     local: bool = LocalOpt,
     config: Optional[Path] = ConfigOpt,
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode (full, ...)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode: full, exit (early exit) or lossless "
+                                       "(self-speculative: exactly the full model's output)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sample at this temperature "
                                                 "(default: greedy)."),
     top_p: Optional[float] = typer.Option(None, "--top-p", help="Nucleus sampling mass (with --temperature)."),
@@ -144,7 +146,7 @@ def ask(
                        generation__max_new_tokens=max_new_tokens, generation__temperature=temperature,
                        generation__top_p=top_p)
     from sedac_core.engine import GenerationRequest, SedacEngine
-    from sedac_core.events import TokenEvent, UserMessage
+    from sedac_core.events import Notice, TokenEvent, UserMessage
     from sedac_core.models import load_model
     from sedac_core.session import SessionRecorder
 
@@ -169,6 +171,8 @@ def ask(
             if not as_json and isinstance(event, TokenEvent):
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
+            elif isinstance(event, Notice):  # e.g. no exit heads: the mode runs at full depth
+                typer.secho(event.message, err=True, dim=True)
         result = engine._result(events, events[-1])
     finally:
         if recorder is not None:
@@ -284,23 +288,52 @@ def bench(
                                            "the built-in bench set, none of it used in training)."),
     n_prompts: int = typer.Option(4, "--n-prompts", help="How many prompts to use."),
     rounds: int = typer.Option(2, "--rounds", help="Alternating rounds (A, B, A, B...) per prompt."),
-    modes: str = typer.Option("full", "--modes", help="Comma-separated modes to measure."),
+    modes: str = typer.Option("full", "--modes", help="Comma-separated modes to measure: full, exit, lossless, "
+                              "hf-early-exit (transformers' assistant_early_exit); hf is always the baseline."),
     kernels: bool = typer.Option(False, "--kernels", help="Run the entropy-kernel benchmark instead."),
     o1: bool = typer.Option(False, "--o1", help="Run the O1 eval instead: accuracy with O1 off vs on on the "
                             "shipped question set, triggers, extra forward passes, wall clock."),
     o1_limit: Optional[int] = typer.Option(None, "--o1-limit", help="With --o1: only the first N questions."),
+    o1_split: str = typer.Option("test", "--o1-split", help="With --o1: the eval split to report on: test (held "
+                                 "out from tuning), dev (what O1's knobs were tuned on) or all."),
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="With --o1: the YAML config whose o1.* "
+                                          "knobs and thresholds to measure (default: your config, else defaults)."),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the skip-ratio/agreement trade-off to this PNG."),
+    kv_fill: Optional[str] = typer.Option(None, "--kv-fill", help="Compare KV fills in exit mode instead, e.g. "
+                                          "propagate,ghost,oracle: agreement, exact match, tok/s vs full, K/V error."),
+    tau_low: Optional[float] = typer.Option(None, "--tau-low", help="With --kv-fill: exit threshold (bits) to use "
+                                            "instead of the calibrated one."),
 ) -> None:
     """Measure tok/s against Hugging Face generate and agreement with the full model, in one alternating run."""
+    if kv_fill is not None:
+        from rich.console import Console
+
+        from sedac_core.bench_kv import kv_fill_bench
+        from sedac_tui.bench_view import kv_fill_tables
+
+        report = kv_fill_bench(model, local, kv_fill, prompts_file=prompts, n_prompts=n_prompts,
+                               max_new_tokens=max_new_tokens, rounds=rounds, tau_low=tau_low, json_out=json_out,
+                               echo=typer.echo, progress=lambda m: typer.secho(m, dim=True, err=True))
+        for table in kv_fill_tables(report):
+            Console().print(table)
+        return
+    if tau_low is not None:
+        _fail("--tau-low only applies to the KV-fill bench; add --kv-fill propagate,ghost,oracle")
     if o1:
         from sedac_core.engine import SedacEngine
         from sedac_core.models import load_model
         from sedac_core.o1_eval import run_o1_eval
 
-        engine = SedacEngine(load_model(model, local=local, progress=lambda m: typer.secho(m, dim=True, err=True)))
+        from sedac_core.o1_eval import load_eval_items
+
+        items = load_eval_items(split=o1_split)  # an unknown split fails before the model loads
+        cfg = _load_config(config)
+        bundle = load_model(_model_spec(model, cfg), local=local or cfg.model.local, device=cfg.model.device,
+                            dtype=cfg.model.dtype, progress=lambda m: typer.secho(m, dim=True, err=True))
+        engine = SedacEngine(bundle, cfg)
         # short answers: 24 new tokens per question unless --max-new-tokens was changed from its default
-        run_o1_eval(engine, max_new_tokens=24 if max_new_tokens == 128 else max_new_tokens,
+        run_o1_eval(engine, items, max_new_tokens=24 if max_new_tokens == 128 else max_new_tokens,
                     limit=o1_limit, json_out=json_out, echo=lambda s: typer.echo(s))
         return
     if kernels:
@@ -310,8 +343,10 @@ def bench(
         return
     from sedac_core.bench import run_decode_bench
 
+    from sedac_core.bench import HF_EARLY_EXIT
+
     for m in modes.split(","):
-        if m.strip() != "hf":
+        if m.strip() not in ("hf", HF_EARLY_EXIT):
             _check_mode(m.strip())
     from sedac_core.exits import load_prompts
 
@@ -359,6 +394,9 @@ def train(
     target_agreement: float = typer.Option(0.98, "--target-agreement", help="Calibrate tau_low for this agreement."),
     out: Optional[Path] = typer.Option(None, "--out", help="Profile directory (default: the user cache, keyed by "
                                        "the model's fingerprint)."),
+    ghost_kv: bool = typer.Option(False, "--ghost-kv", help="Train the Ghost KV (the skipped layers' K/V "
+                                  "predictor) for the exit layers of the model's exit heads, instead of the heads."),
+    rank: int = typer.Option(128, "--rank", help="With --ghost-kv: the rank of its low-rank map."),
 ) -> None:
     """Train the exit heads (translators + entropy probes) on the model's own answers, calibrate, save a profile."""
     from sedac_core.calibration import calibrate_heads
@@ -366,8 +404,29 @@ def train(
                                   train_exit_heads, user_profile_dir)
     from sedac_core.models import load_model
 
+    if rank < 1:
+        _fail(f"--rank is {rank}; it must be at least 1 (e.g. 128)")
     cfg = _load_config(None)
     bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
+    if ghost_kv:
+        from sedac_core.ghost_kv import ghost_exit_layers, held_out_summary, required_layers, train_ghost_kv
+
+        layers = ghost_exit_layers(bundle)
+        texts = load_prompts(prompts)
+        with _Progress("collecting") as bar:  # the hidden states of every layer from the lowest exit up
+            data = collect_exit_data(bundle, texts, required_layers(layers, bundle.num_layers),
+                                     max_new_tokens=max_new_tokens, batch_size=batch_size, max_tokens=tokens,
+                                     progress=bar)
+        with _Progress("fitting Ghost KV") as bar:
+            ghost, report = train_ghost_kv(bundle, data, layers, rank=rank, progress=bar)
+        ghost.meta.update(fingerprint=bundle.fingerprint, model=bundle.name, trained_at=time.time())
+        target = out or user_profile_dir(bundle.fingerprint)
+        ghost.save(target)
+        for fill, err in held_out_summary(report).items():
+            typer.echo(f"held-out {fill}: " + ", ".join(f"{k} {v:.4f}" for k, v in err.items()))
+        typer.echo(f"Ghost KV rank {ghost.rank}, {ghost.num_parameters():,} parameters, exit layers {layers}; "
+                   f"saved to {target} (use it with sedac.enable_ghost_kv: true, or `g` in the app)")
+        return
     layers = default_exit_layers(bundle.num_layers)
     texts = load_prompts(prompts)
     with _Progress("collecting") as bar:

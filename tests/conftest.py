@@ -96,6 +96,21 @@ def make_bundle(arch: str = "llama", *, layers: int = 4, seed: int = 0, chat_tem
                                   name=f"tiny-{arch}")
 
 
+def make_exit_heads(bundle, layers, *, scale: float = 0.0, seed: int = 0):
+    """Exit heads without training: translators near the identity (scale > 0 adds noise, so drafts go wrong),
+    probes that always estimate a low entropy, and a draft vocabulary in reverse id order."""
+    from sedac_core.exits import ExitHeads
+
+    h = bundle.model.config.hidden_size
+    g = torch.Generator().manual_seed(seed)
+    return ExitHeads(
+        layers=list(layers), hidden_size=h,
+        translator_w={l: torch.eye(h) + scale * torch.randn(h, h, generator=g) for l in layers},
+        translator_b={l: torch.zeros(h) for l in layers},
+        probe_w={l: torch.zeros(h) for l in layers}, probe_b={l: -5.0 for l in layers},
+        draft_vocab=torch.arange(bundle.model.config.vocab_size).flip(0))
+
+
 @pytest.fixture
 def tiny_llama_bundle():
     return make_bundle("llama")

@@ -55,6 +55,7 @@ def test_ask_text_prints_answer_and_stats(tiny_dir):
         (["ask", "hi", "--config", "/no/such.yaml"], "config file not found"),
         (["replay", "/no/such/session.jsonl"], "session file not found"),
         (["replay", "x.jsonl", "--speed", "0"], "--speed is 0.0"),
+        (["bench", "--o1", "--o1-split", "train"], "unknown O1 eval split 'train'"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, match):
@@ -91,6 +92,8 @@ def test_config_prints_yaml_that_loads(tmp_path):
     from sedac_core.config import SedacConfig
 
     assert SedacConfig.load(out) == SedacConfig()
+    shown = runner.invoke(app, ["config"]).stdout
+    assert "\no1:\n  strategy: lookahead\n  top_k: 3\n" in shown and "o1_high_entropy_threshold" in shown
 
 
 @pytest.mark.parametrize("cmd", [[], ["ask"], ["replay"], ["info"], ["bench"], ["config"]])
@@ -105,3 +108,13 @@ def test_real_process_error_has_no_traceback(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().startswith("error:") and "not a model directory" in proc.stderr
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_ask_lossless_without_a_profile_says_so_and_answers_like_full(tiny_dir):
+    args = ["ask", "Hello", "--model", str(tiny_dir), "--local", "--max-new-tokens", "6", "--json"]
+    full = runner.invoke(app, args)
+    lossless = runner.invoke(app, [*args, "--mode", "lossless"])
+    assert lossless.exit_code == 0, lossless.output
+    a, b = (json.loads(r.stdout.strip().splitlines()[-1]) for r in (full, lossless))
+    assert b["mode"] == "lossless" and b["generated_text"] == a["generated_text"]
+    assert "lossless mode drafts with them" in lossless.output

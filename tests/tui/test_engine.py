@@ -47,6 +47,9 @@ async def test_real_engine_streams_an_answer_and_takes_threshold_keys(tiny_llama
         assert app.engine.mode == "exit" and "mode exit" in str(app.query_one(StatsBar).render())
         await pilot.press("m")
         await pilot.pause()
+        assert app.engine.mode == "lossless" and "mode lossless" in str(app.query_one(StatsBar).render())
+        await pilot.press("m")
+        await pilot.pause()
         assert app.engine.mode == "full"
     session = read_session(record)
     kinds = [type(e) for e in session.events]
@@ -67,3 +70,41 @@ async def test_real_engine_too_long_prompt_is_an_error_in_the_app(tiny_llama_bun
         errors = [str(n.render()) for n in app.query(NoticeLine) if n.has_class("-error")]
         assert errors and "context window" in errors[0]
         assert app.history == []
+
+
+async def test_lossless_mode_in_the_app_shows_drafts_and_the_full_models_answer():
+    import dataclasses
+
+    from conftest import make_bundle, make_exit_heads
+    from sedac_core.engine import GenerationRequest, SedacEngine
+    from sedac_tui.widgets.heatmap import ExitHeatmap
+
+    bundle = make_bundle("llama", layers=6, seed=3)
+    config = SedacConfig()
+    config.sedac.mode = "lossless"
+    config.generation.max_new_tokens = 24
+    config.lossless = dataclasses.replace(config.lossless, exit_draft_entropy=32.0, full_draft_entropy=0.0)
+    engines = []
+
+    def factory(bus, progress):
+        engine = SedacEngine(bundle, config, bus)
+        engine.use_exit_heads(make_exit_heads(bundle, [2, 4]), apply_calibration=False)
+        engines.append(engine)
+        return engine
+
+    app = SedacChatApp(config=config, engine_factory=factory, cursor_blink=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        await send(pilot, "Hello")
+        await idle(pilot)
+        end = app.state.last_end
+        assert end is not None and end.rounds >= 1 and end.drafted > end.accepted
+        drafts = {t.draft for t in app.state.tokens}
+        assert {"accepted", "rejected", "verified"} <= drafts
+        heat = str(app.query_one(ExitHeatmap).render())
+        assert "✓" in heat and "✗" in heat
+        answer = list(app.query(AssistantBubble))[-1].source
+    engine = engines[0]
+    engine.reset()
+    full = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=24, mode="full"))
+    assert answer == full.generated_text == end.text

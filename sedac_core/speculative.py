@@ -1,0 +1,223 @@
+"""Lossless mode's drafter (self-speculative decoding, LayerSkip-style, with SEDAC's entropy-guided draft length).
+
+A round starts from the last committed token. Each drafted row runs the shallow layers (1..E, the draft layer);
+while the exit head's draft distribution there is confident (low entropy) the row stops at E and its draft feeds
+the next row. Otherwise the row runs the remaining layers itself and drafts with a reduced head (the few thousand
+tokens the model itself emits most) while that is confident; an uncertain row ends the round. Then one batched
+pass runs the remaining layers for the rows that stopped at E, continuing from their hidden states and the cache,
+and the full LM head scores every row at once. The engine walks the rows: a draft the full model agrees with is
+kept, and the first disagreement is replaced by the full model's own token, so the output is the full model's.
+
+Every row's input is a real token and every row is computed at every layer by the end of the round, so the cache
+it leaves is exact for those tokens; the engine only rolls back its length past rejected rows."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import torch
+import torch.nn.functional as F
+
+from .config import LosslessSection
+from .entropy import token_stats
+
+if TYPE_CHECKING:  # the engine imports this module; only type hints point back
+    from .engine import SedacEngine
+
+PROBE_MARGIN = 1.0  # bits: the exit head's probe must estimate an entropy this close to the threshold to try it
+_SPARE = 1024  # room for tokens added to the draft vocabulary during a generation
+
+
+@dataclass
+class Block:
+    """One speculation round. Row r's input sits at position start + r; its logits predict position
+    start + r + 1, and its draft is the token it proposed there (None: it proposed nothing)."""
+
+    start: int
+    logits: torch.Tensor  # [rows, vocab], the full model's
+    drafts: list[int | None] = field(default_factory=list)
+    draft_layers: list[int] = field(default_factory=list)  # where each draft came from (draft layer or the top)
+    draft_entropy: list[float] = field(default_factory=list)  # bits, of the draft distribution (nan: no head run)
+    # sampling only: each draft's distribution as (token ids, probabilities), for the acceptance rule
+    draft_dists: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return len(self.drafts)
+
+
+class Drafter:
+    """Makes Blocks for one engine (its exit heads, cache and anatomy)."""
+
+    def __init__(self, engine: "SedacEngine", settings: LosslessSection) -> None:
+        self.engine = engine
+        self.settings = settings
+        a = engine.anatomy
+        heads = engine.exit_heads
+        self.num_layers = a.num_layers
+        self.draft_layer = self._pick_layer(settings.draft_layer)
+        # the model's own most frequent output tokens (from the profile), then the rest in id order: BPE ids
+        # follow merge order, a rough frequency order of the tokenizer's corpus
+        full = a.lm_head_w.shape[0]
+        own = heads.draft_vocab if heads is not None and heads.draft_vocab is not None else torch.empty(0)
+        own = own.to(torch.int64)
+        own = own[(own >= 0) & (own < full)][: settings.draft_vocab_size]
+        rest = torch.arange(min(full, settings.draft_vocab_size + len(own)), dtype=torch.int64)
+        self.base_vocab = _dedup(torch.cat([own, rest]))[: settings.draft_vocab_size]
+        self._ids = torch.empty(0, dtype=torch.int64)
+        self._w = torch.empty(a.hidden_size, 0, dtype=engine.dtype, device=engine.device)
+        self._n = 0
+        self._in_vocab: set[int] = set()
+        self._banned: frozenset[int] = frozenset()
+
+    def _pick_layer(self, wanted: int) -> int:
+        heads = self.engine.exit_heads
+        L = self.num_layers
+        if heads is None:
+            return L
+        if wanted:
+            if wanted not in heads.layers:
+                from .errors import ConfigError
+
+                raise ConfigError(f"lossless.draft_layer is {wanted} but the exit heads are at layers "
+                                  f"{', '.join(map(str, heads.layers))}; pick one of those (or 0 for the default)")
+            return wanted
+        chosen = (heads.meta.get("lossless") or {}).get("draft_layer")
+        if chosen in heads.layers:
+            return int(chosen)
+        return min(heads.layers, key=lambda l: abs(l - 0.8 * L))  # measured best on the default model
+
+    # -- the reduced draft head ------------------------------------------------------------------------------
+    def begin(self, context_ids: list[int], banned: frozenset[int]) -> None:
+        """A new generation: the draft vocabulary is the base one plus the tokens of the context (copying from
+        the prompt is common), less the tokens that may not be emitted."""
+        a = self.engine.anatomy
+        extra = [t for t in dict.fromkeys(context_ids) if 0 <= t < a.lm_head_w.shape[0]]
+        ids = torch.cat([self.base_vocab, torch.tensor(extra, dtype=torch.int64)])
+        ids = ids[~torch.isin(ids, torch.tensor(sorted(banned), dtype=torch.int64))] if banned else ids
+        ids = _dedup(ids)
+        n = len(ids)
+        self._ids = torch.empty(n + _SPARE, dtype=torch.int64)
+        self._ids[:n] = ids
+        # input-major [hidden, capacity]: one-row products stream it fastest on CPU (see anatomy._fuse_linears)
+        self._w = torch.empty(a.hidden_size, n + _SPARE, dtype=a.lm_head_w.dtype, device=a.lm_head_w.device)
+        self._w[:, :n] = a.lm_head_w[ids.to(a.lm_head_w.device)].t()
+        self._n = n
+        self._in_vocab = set(ids.tolist())
+        self._banned = banned
+
+    def observe(self, token_id: int) -> None:
+        """A committed token: if the draft vocabulary lacks it, add it (the text may repeat it)."""
+        if token_id in self._in_vocab or token_id in self._banned or self._n >= self._ids.shape[0]:
+            return
+        a = self.engine.anatomy
+        self._ids[self._n] = token_id
+        self._w[:, self._n] = a.lm_head_w[token_id]
+        self._n += 1
+        self._in_vocab.add(token_id)
+
+    def _draft(self, normed: torch.Tensor, temperature: float, generator: torch.Generator | None
+               ) -> tuple[int, float, tuple[torch.Tensor, torch.Tensor] | None]:
+        """Reduced-head draft from a normalised state [1, hidden]: (token, entropy in bits, distribution)."""
+        logits = torch.mm(normed, self._w[:, : self._n])
+        stats = token_stats(logits)
+        entropy = float(stats.entropy_bits[0])
+        ids = self._ids[: self._n]
+        if temperature > 0 and generator is not None:
+            probs = torch.softmax(logits[0].float() / temperature, dim=-1)
+            choice = int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
+            return int(ids[choice]), entropy, (ids.clone(), probs)
+        return int(ids[int(stats.argmax[0])]), entropy, None
+
+    # -- one round ---------------------------------------------------------------------------------------------
+    def propose(self, token_id: int, pos: int, max_rows: int, *, temperature: float = 0.0,
+                generator: torch.Generator | None = None) -> Block:
+        """Draft from `token_id` at position `pos` (the cache holds exactly 0..pos-1), verify, and return the
+        full model's logits for every row. The cache then holds positions 0..pos+rows-1, all computed."""
+        e = self.engine
+        a = e.anatomy
+        heads = e.exit_heads
+        s = self.settings
+        E, L = self.draft_layer, self.num_layers
+        cache = e._prepare_cache(pos + max(1, max_rows))
+        assert e._cos is not None and e._sin is not None
+        eos = e._eos
+        block = Block(start=pos, logits=torch.empty(0))
+        states: list[torch.Tensor] = []  # per row: the top layer's output, or layer E's for rows that stopped there
+        inputs: list[int] = []
+        shallow_from: int | None = None
+        tok = token_id
+        for r in range(max(1, max_rows)):
+            p = pos + r
+            cos, sin = e._cos[p : p + 1], e._sin[p : p + 1]
+            x = a.embed(torch.tensor([[tok]], device=e.device))
+            for layer in a.layers[:E]:
+                x = a.layer_forward(layer, x, cache, p, cos, sin)
+            inputs.append(tok)
+            draft, entropy, dist, depth = None, float("nan"), None, L
+            if E < L and heads is not None:
+                normed = a.rms_norm(heads.translate(E, x[:, -1]), a.final_norm_w)
+                if shallow_from is not None or float(heads.predicted_entropy(E, normed[0])) < (
+                        s.exit_draft_entropy + PROBE_MARGIN):
+                    cand, entropy, cand_dist = self._draft(normed, temperature, generator)
+                    if entropy < s.exit_draft_entropy:
+                        draft, dist, depth = cand, cand_dist, E
+            if depth == E or shallow_from is not None:
+                shallow_from = r if shallow_from is None else shallow_from
+                depth = E
+            else:
+                for layer in a.layers[E:]:
+                    x = a.layer_forward(layer, x, cache, p, cos, sin)
+                if s.full_draft_entropy > 0:
+                    cand, entropy, cand_dist = self._draft(a.rms_norm(x[:, -1], a.final_norm_w), temperature,
+                                                           generator)
+                    if entropy < s.full_draft_entropy:
+                        draft, dist = cand, cand_dist
+            states.append(x[:, -1])
+            block.drafts.append(draft)
+            block.draft_layers.append(depth)
+            block.draft_entropy.append(entropy)
+            block.draft_dists.append(dist)
+            if draft is None or draft in eos:
+                break
+            tok = draft
+        rows = len(inputs)
+        if shallow_from is not None:  # verification: the remaining layers for the rows that stopped at E, at once
+            n = rows - shallow_from
+            start = pos + shallow_from
+            x = torch.stack(states[shallow_from:], dim=1)  # [1, n, hidden]
+            cos, sin = e._cos[start : start + n], e._sin[start : start + n]
+            for layer in a.layers[E:]:
+                x = a.layer_forward(layer, x, cache, start, cos, sin)
+            states[shallow_from:] = list(x[0].unsqueeze(1))
+        block.logits = a.logits(torch.cat(states, dim=0))  # [rows, vocab]: one LM-head pass for the round
+        cache.length = pos + rows
+        cache.token_ids[pos:] = inputs
+        return block
+
+
+def _dedup(ids: torch.Tensor) -> torch.Tensor:
+    """Unique ids in first-seen order."""
+    seen: dict[int, None] = dict.fromkeys(ids.tolist())
+    return torch.tensor(list(seen), dtype=torch.int64)
+
+
+def accept_sampled(target: torch.Tensor, draft: int, dist: tuple[torch.Tensor, torch.Tensor],
+                   generator: torch.Generator) -> tuple[int, bool]:
+    """Speculative sampling's rule: keep the draft with probability min(1, p(d) / q(d)); otherwise draw from the
+    normalised residual max(0, p - q). `target` is the full model's sampling distribution p over the vocabulary,
+    `dist` the draft's (ids, q). The committed token is then distributed exactly as p."""
+    ids, q_sub = dist
+    q = torch.zeros_like(target)
+    q[ids.to(target.device)] = q_sub.to(target.dtype)
+    p_d, q_d = float(target[draft]), float(q[draft])
+    u = float(torch.rand(1, generator=generator))
+    if q_d > 0 and u * q_d < p_d:
+        return draft, True
+    residual = (target - q).clamp_min(0)
+    total = float(residual.sum())
+    if total <= 0:  # p == q (numerically): any draw from p is right
+        residual, total = target, float(target.sum())
+    choice = torch.multinomial((residual / total).cpu(), 1, generator=generator)
+    return int(choice.item()), False

@@ -1,0 +1,200 @@
+"""Lossless mode (self-speculative decoding): greedy output identical to full depth whatever the drafts are, exact
+cache rollback, draft events, the sampling acceptance rule, and the fallbacks."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from conftest import make_bundle, make_exit_heads
+from sedac_core.cache import FILL_COMPUTED
+from sedac_core.config import ConfigError, LosslessSection, SedacConfig
+from sedac_core.engine import GenerationRequest, SedacEngine
+from sedac_core.events import GenerationEnd, Notice, TokenEvent
+from sedac_core.speculative import accept_sampled
+
+PROMPTS = ["Hello", "def add(a, b):", "The capital of France is", "Entropy 7"]
+
+
+def _engine(arch="llama", layers=6, seed=3, heads_scale=0.0, **lossless) -> SedacEngine:
+    bundle = make_bundle(arch, layers=layers, seed=seed)
+    config = SedacConfig()
+    config.lossless = dataclasses.replace(config.lossless, **lossless)
+    engine = SedacEngine(bundle, config)
+    engine.use_exit_heads(make_exit_heads(bundle, [2, layers - 2], scale=heads_scale), apply_calibration=False)
+    return engine
+
+
+def _pair(engine, prompt, n, **kw):
+    engine.reset()
+    full = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, mode="full", **kw))
+    engine.reset()
+    lossless = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, mode="lossless", **kw))
+    return full, lossless
+
+
+SETTINGS = {
+    # drafts at the exit layer all the time (noisy heads: many rejections, whole drafts rejected)
+    "always-exit": dict(exit_draft_entropy=32.0, full_draft_entropy=0.0, heads_scale=0.5),
+    # drafts at full depth over the whole vocabulary: every draft is accepted
+    "full-depth": dict(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400),
+    # full-depth drafts over a tiny vocabulary: the full model's token is often outside it
+    "small-vocab": dict(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=16),
+    # mixed: exits where confident, full depth elsewhere, short drafts
+    "mixed": dict(exit_draft_entropy=3.0, full_draft_entropy=4.0, max_draft_tokens=3, heads_scale=0.05),
+    "no-drafts": dict(exit_draft_entropy=0.0, full_draft_entropy=0.0),
+}
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+@pytest.mark.parametrize("setting", sorted(SETTINGS))
+def test_greedy_output_is_identical_to_full_depth(arch, setting):
+    opts = dict(SETTINGS[setting])
+    engine = _engine(arch, heads_scale=opts.pop("heads_scale", 0.0), **opts)
+    for prompt, n in zip(PROMPTS[:3] if arch == "llama" else PROMPTS[1:3], (5, 17, 33)):
+        full, lossless = _pair(engine, prompt, n, ignore_eos=True)
+        assert lossless.token_ids == full.token_ids, (setting, prompt)
+        assert lossless.generated_text == full.generated_text
+        end = lossless.events[-1]
+        assert isinstance(end, GenerationEnd) and end.tokens == n
+        assert end.accepted == sum(t.draft == "accepted" for t in lossless.token_events)
+        assert end.drafted >= end.accepted
+        assert all(t.draft in ("accepted", "verified") for t in lossless.token_events)
+        if setting == "no-drafts":
+            assert end.drafted == 0 and end.rounds == n - 1
+        if setting == "full-depth":
+            assert end.accepted == end.drafted > 0  # a full-vocabulary draft at full depth is the full model's
+
+
+def test_rejected_drafts_are_events_but_never_output():
+    engine = _engine(exit_draft_entropy=32.0, full_draft_entropy=0.0, heads_scale=0.5)
+    full, lossless = _pair(engine, "Hello", 30, ignore_eos=True)
+    rejected = [e for e in lossless.events if isinstance(e, TokenEvent) and e.draft == "rejected"]
+    assert rejected, "noisy heads should have drafts the full model rejects"
+    draft_layer = engine._lossless_drafter("lossless", True).draft_layer
+    assert draft_layer == 4  # the head nearest 80% of the depth, by default
+    assert all(e.text == "" and e.exit_layer == draft_layer for e in rejected)
+    assert lossless.token_ids == full.token_ids
+    # every rejected draft is followed by the verified token at the same index
+    events = [e for e in lossless.events if isinstance(e, TokenEvent)]
+    for i, e in enumerate(events):
+        if e.draft == "rejected":
+            nxt = events[i + 1]
+            assert nxt.index == e.index and nxt.draft == "verified" and nxt.token_id != e.token_id
+
+
+def test_eos_inside_a_draft_stops_like_full_depth():
+    engine = _engine(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400, max_draft_tokens=8)
+    engine.reset()
+    ref = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=40, mode="full", ignore_eos=True))
+    stop_token = ref.token_ids[13]
+    first = ref.token_ids.index(stop_token)
+    engine._eos = frozenset({stop_token})  # pretend this token is EOS: it now falls inside a draft
+    full, lossless = _pair(engine, "Hello", 40)
+    assert full.stop_reason == lossless.stop_reason == "eos"
+    assert lossless.token_ids == full.token_ids == ref.token_ids[: first + 1]
+    assert engine._cache.length == len(engine._cache.token_ids)
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 9])
+def test_max_tokens_inside_a_draft(n):
+    engine = _engine(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400, max_draft_tokens=8)
+    full, lossless = _pair(engine, "The capital of France is", n, ignore_eos=True)
+    assert lossless.token_ids == full.token_ids and len(lossless.token_ids) == n
+    assert lossless.stop_reason == "max_tokens"
+
+
+@pytest.mark.parametrize("setting", ["always-exit", "small-vocab"])
+def test_cache_rollback_leaves_the_cache_as_full_decoding_does(setting):
+    opts = dict(SETTINGS[setting])
+    engine = _engine(heads_scale=opts.pop("heads_scale", 0.0), **opts)
+    full, _ = _pair(engine, "def add(a, b):", 33, ignore_eos=True)
+    engine.reset()
+    full = engine.generate(GenerationRequest(prompt="def add(a, b):", max_new_tokens=33, mode="full", ignore_eos=True))
+    want = engine._cache
+    snapshot = (want.length, list(want.token_ids), [k[:, :, : want.length].clone() for k in want.keys],
+                [v[:, :, : want.length].clone() for v in want.values])
+    engine.reset()
+    engine.generate(GenerationRequest(prompt="def add(a, b):", max_new_tokens=33, mode="lossless", ignore_eos=True))
+    got = engine._cache
+    assert got.length == snapshot[0] and got.token_ids == snapshot[1]
+    assert bool((got.fill[:, : got.length] == FILL_COMPUTED).all())
+    for layer in range(got.num_layers):
+        torch.testing.assert_close(got.keys[layer][:, :, : got.length], snapshot[2][layer], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got.values[layer][:, :, : got.length], snapshot[3][layer], rtol=1e-4, atol=1e-5)
+    # and the next turn reuses that prefix and continues exactly like full decoding would
+    follow = engine.generate(GenerationRequest(prompt="def add(a, b):", max_new_tokens=12, mode="lossless",
+                                               ignore_eos=True))
+    assert follow.token_ids == full.token_ids[:12]
+
+
+def test_acceptance_rule_samples_the_target_distribution():
+    g = torch.Generator().manual_seed(0)
+    p = torch.tensor([0.5, 0.3, 0.2, 0.0])
+    ids = torch.tensor([0, 1, 2])
+    q = torch.tensor([0.2, 0.2, 0.6])
+    counts = torch.zeros(4)
+    trials = 20000
+    kept = 0
+    for _ in range(trials):
+        d = int(ids[torch.multinomial(q, 1, generator=g)])
+        tok, ok = accept_sampled(p, d, (ids, q), g)
+        counts[tok] += 1
+        kept += ok
+    freq = counts / trials
+    assert torch.allclose(freq, p, atol=0.015), freq
+    # the acceptance rate is sum(min(p, q)) = 0.2 + 0.2 + 0.2
+    assert kept / trials == pytest.approx(0.6, abs=0.015)
+
+
+def test_sampling_in_lossless_mode_is_seeded_and_valid():
+    engine = _engine(exit_draft_entropy=3.0, full_draft_entropy=32.0, draft_vocab_size=400)
+    req = dict(prompt="Hello", max_new_tokens=30, mode="lossless", temperature=0.8, top_p=0.9, seed=5,
+               ignore_eos=True)
+    engine.reset()
+    a = engine.generate(GenerationRequest(**req))
+    engine.reset()
+    b = engine.generate(GenerationRequest(**req))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 30
+    assert a.events[-1].accepted > 0
+
+
+def test_without_exit_heads_lossless_runs_full_depth_with_a_notice(tiny_llama_bundle):
+    engine = SedacEngine(tiny_llama_bundle)
+    full, lossless = _pair(engine, "Hello", 10, ignore_eos=True)
+    assert lossless.token_ids == full.token_ids
+    notices = [e for e in lossless.events if isinstance(e, Notice)]
+    assert notices and "lossless" in notices[0].message and "full depth" in notices[0].message
+
+
+def test_o1_in_lossless_mode_matches_o1_in_full_mode():
+    engine = _engine(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400)
+    engine.set_thresholds(tau_high=0.5, tau_low=0.2)
+    full, lossless = _pair(engine, "Entropy 7", 24, ignore_eos=True, o1=True)
+    assert lossless.events[-1].o1_triggers == full.events[-1].o1_triggers > 0
+    assert lossless.token_ids == full.token_ids
+
+
+def test_lossless_settings_are_validated():
+    with pytest.raises(ConfigError, match="lossless.max_draft_tokens"):
+        SedacConfig.from_dict({"lossless": {"max_draft_tokens": 0}})
+    with pytest.raises(ConfigError, match="unknown key 'lossless.draft_len'"):
+        SedacConfig.from_dict({"lossless": {"draft_len": 3}})
+    engine = _engine(draft_layer=3)  # the heads sit at layers 2 and 4
+    with pytest.raises(ConfigError, match="lossless.draft_layer is 3 .* 2, 4"):
+        engine.generate(GenerationRequest(prompt="Hi", max_new_tokens=3, mode="lossless"))
+    assert LosslessSection().draft_layer == 0
+
+
+def test_pipeline_api_runs_lossless():
+    from sedac_core.pipeline import create_pipeline
+
+    engine = _engine(exit_draft_entropy=1.0, full_draft_entropy=32.0, draft_vocab_size=400)
+    pipe = create_pipeline(engine.bundle, config=engine.config)
+    pipe.engine.use_exit_heads(engine.exit_heads, apply_calibration=False)
+    full = pipe("Hello", max_new_tokens=12, mode="full", ignore_eos=True)
+    lossless = pipe("Hello", max_new_tokens=12, mode="lossless", ignore_eos=True)
+    assert lossless.mode == "lossless" and lossless.token_ids == full.token_ids
+    assert lossless.events[-1].rounds >= 1
