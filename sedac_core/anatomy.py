@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -123,6 +123,9 @@ class Anatomy:
         self.num_heads = int(config.num_attention_heads)
         self.num_kv_heads = int(getattr(config, "num_key_value_heads", None) or self.num_heads)
         self.head_dim = int(getattr(config, "head_dim", None) or self.hidden_size // self.num_heads)
+        # every weight matmul of the stack and the LM head: F.linear, or matmul.linear_rows once the engine has
+        # the skinny-matmul kernel (the same values up to float rounding; see SedacEngine._select_matmul)
+        self.linear: Callable[..., torch.Tensor] = F.linear
         self.eps = float(getattr(config, "rms_norm_eps", 1e-6))
         self.scaling = self.head_dim**-0.5
         self.embed_multiplier = math.sqrt(self.hidden_size) if self.spec.embed_scale else 1.0
@@ -192,14 +195,14 @@ class Anatomy:
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Final norm + LM head."""
-        return F.linear(self.rms_norm(hidden, self.final_norm_w), self.lm_head_w, self.lm_head_b)
+        return self.linear(self.rms_norm(hidden, self.final_norm_w), self.lm_head_w, self.lm_head_b)
 
     def project_kv(self, layer: Layer, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Layer input x [B, T, hidden] -> (q, k, v) heads with RoPE applied: [B, heads, T, head_dim]."""
         B, T, _ = x.shape
         h = self.rms_norm(x, layer.in_norm)
-        qkv = F.linear(h, layer.qkv_w, layer.qkv_b)
+        qkv = self.linear(h, layer.qkv_w, layer.qkv_b)
         q, k, v = qkv.split((self.q_size, self.kv_size, self.kv_size), dim=-1)
         q = q.view(B, T, self.num_heads, self.head_dim).transpose(1, 2)
         k = k.view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -242,10 +245,10 @@ class Anatomy:
         residual, MLP, residual."""
         B, T, _ = x.shape
         attn = attn.transpose(1, 2).reshape(B, T, self.q_size)
-        x = x + F.linear(attn, layer.o_w, layer.o_b)
+        x = x + self.linear(attn, layer.o_w, layer.o_b)
         h = self.rms_norm(x, layer.post_norm)
-        gate, up = F.linear(h, layer.gu_w, layer.gu_b).chunk(2, dim=-1)
-        return x + F.linear(self.act(gate) * up, layer.down_w, layer.down_b)
+        gate, up = self.linear(h, layer.gu_w, layer.gu_b).chunk(2, dim=-1)
+        return x + self.linear(self.act(gate) * up, layer.down_w, layer.down_b)
 
     def branch_layer_forward(self, layer: Layer, x: torch.Tensor, prefix_k: torch.Tensor, prefix_v: torch.Tensor,
                              branch_k: torch.Tensor, branch_v: torch.Tensor, step: int,

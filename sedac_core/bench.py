@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+import torch.nn.functional as F
 
 from .engine import GenerationRequest, SedacEngine
 from .models import load_model
@@ -53,6 +54,7 @@ def run_decode_bench(
     hf_modes = [m for m in modes if m == HF_EARLY_EXIT]  # transformers' own runs, beside the engine's
     bundle = load_model(model, local=local, progress=echo)
     engine = SedacEngine(bundle)
+    engine.settle_kernels()  # no timed run on torch's matmuls while the kernel builds
     engine.set_adaptive(False)  # every mode and round at the same thresholds
     prompts = (prompts or BENCH_PROMPTS)[: max(1, n_prompts)]
     # the baseline is transformers' own model, loaded separately: the engine re-lays its copy's weights
@@ -150,6 +152,7 @@ def run_decode_bench(
         "num_layers": engine.num_layers,
         "device": str(bundle.device),
         "threads": torch.get_num_threads(),
+        "matmul": "kernel" if engine.anatomy.linear is not F.linear else "torch",
         "max_new_tokens": max_new_tokens,
         "prompts": len(prompts),
         "rounds": rounds,
@@ -198,6 +201,7 @@ def run_decode_bench(
     if report["oracle_skip_ratio"] is not None:
         echo(f"oracle skip ratio with these exit heads: {report['oracle_skip_ratio']:.3f} "
              f"(tau_low {report['tau_low']}, profile {report['profile']})")
+    echo(f"engine matmuls: {report['matmul']} (sedac-chat info says why)")
     echo(f"peak RSS {report['peak_rss_mb']:.0f} MB (this process, HF and engine together)")
     if plot_out is not None:
         sweep = (engine.exit_heads.meta.get("calibration", {}).get("sweep") if engine.exit_heads is not None

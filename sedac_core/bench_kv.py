@@ -152,6 +152,7 @@ def kv_fill_bench(model: str | None, local: bool, kv_fill: str, *, prompts_file:
     _check_tau_low(tau_low)
     prompts = (load_prompts(prompts_file) if prompts_file is not None else BENCH_PROMPTS)[: max(1, n_prompts)]
     engine = load_bench_engine(model, local, progress)
+    engine.settle_kernels()
     return run_kv_fill_bench(engine, prompts, fills, max_new_tokens=max_new_tokens, rounds=rounds, tau_low=tau_low,
                              json_out=json_out, echo=echo)
 

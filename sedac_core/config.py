@@ -124,6 +124,9 @@ class LosslessSection:
 class PerformanceSection:
     kernel_backend: str = "auto"
     enable_flash_attention: bool = True  # uses torch's SDPA, which picks flash kernels where it can
+    # CPU: the model's matmuls on ext/'s skinny-matmul kernel (built in the background on first start; torch's
+    # until it is ready); false keeps torch's everywhere
+    matmul_kernel: bool = True
 
     def validate(self) -> None:
         _choice("performance.kernel_backend", self.kernel_backend, KERNEL_BACKENDS)

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Iterator
 
 import torch
+import torch.nn.functional as F
 
 from .anatomy import Anatomy, apply_rope
 from .cache import FILL_GHOST, FILL_PROPAGATED, StaticKVCache
@@ -30,6 +31,7 @@ from .events import (
 )
 from .exits import ExitHeads, ProfileError, find_profile, shipped_profile_dir, user_profile_dir
 from .ghost_kv import GhostKV
+from .matmul import matmul_linear
 from .models import ModelBundle
 from .policy import EXIT, ExitPolicy
 from .reasoning import Reasoner
@@ -156,6 +158,7 @@ class SedacEngine:
         self._sin: torch.Tensor | None = None
         self._eos = bundle.eos_token_ids
         set_backend(self.config.performance.kernel_backend)  # the fused statistics kernel (or torch), per config
+        self._select_matmul()  # starts the skinny-matmul kernel's build in the background (first start only)
         self._seen_prompts: list[str] = []  # this session's user messages (re-calibration data)
         self.exit_heads: ExitHeads | None = None
         # how skipped layers get K/V at an exited position: "propagate" (CALM's state propagation) or "oracle"
@@ -412,8 +415,25 @@ class SedacEngine:
                 "shorten the prompt (or start a new conversation)"
             )
         with self._lock:
+            self._select_matmul()
             with torch.inference_mode():
                 yield from self._decode(request, mode, prompt_ids, cancel)
+
+    def settle_kernels(self) -> None:
+        """Wait for the skinny-matmul kernel's build (when the config wants it) and use it from now on. Benchmarks
+        call this first, so that no timed run mixes torch's matmuls with the kernel's."""
+        if self.config.performance.matmul_kernel:
+            matmul_linear(wait=True)
+        self._select_matmul()
+
+    def _select_matmul(self) -> None:
+        """The weight matmuls' implementation for the next generation: the skinny-matmul kernel once it is built
+        (CPU, `performance.matmul_kernel`), else F.linear. Chosen per generation, never inside one, so a response is
+        computed with one arithmetic throughout (the two differ by float rounding)."""
+        if self.config.performance.matmul_kernel and self.anatomy.input_major and self.device.type == "cpu":
+            self.anatomy.linear = matmul_linear()
+        else:
+            self.anatomy.linear = F.linear
 
     def _prepare_cache(self, needed: int) -> StaticKVCache:
         a = self.anatomy

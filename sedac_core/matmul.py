@@ -48,6 +48,7 @@ class GemmKernel:
     _result: BuildResult | None = field(default=None, repr=False)
     _fast: tuple | None = field(default=None, repr=False)  # (op, isa code) once built and enabled: the hot path
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _thread: threading.Thread | None = field(default=None, repr=False)
 
     def _manager(self) -> KernelManager:
         return KernelManager(src_dir=self.src_dir, cache_root=self.cache_root)
@@ -131,6 +132,19 @@ class GemmKernel:
             self._fast = (res.op.op, res.op.isa_code)  # type: ignore[union-attr]
         return res.op if res.ok else None
 
+    def build_in_background(self) -> None:
+        """Start the build on a daemon thread (once); `ready()` says when it is done. Nothing blocks on it."""
+        if not self.enabled or self._result is not None:
+            return
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self.result, name="sedac-matmul-build", daemon=True)
+                self._thread.start()
+
+    def ready(self) -> bool:
+        """Whether the kernel is built, loaded and enabled, without building or waiting for it."""
+        return self.enabled and self._result is not None and self._result.ok
+
     def set_enabled(self, enabled: bool) -> None:
         self.enabled = bool(enabled)
         self._fast = None
@@ -171,6 +185,19 @@ def kernel_applies(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | N
 def matmul_status(build: bool = True) -> tuple[bool, str]:
     """(active, reason) of the skinny-matmul kernel, e.g. (True, "matmul: built (avx512)")."""
     return GEMM.status(build=build)
+
+
+def matmul_linear(wait: bool = False) -> GemmFn:
+    """What a model's matmuls should call now: `linear_rows` when the kernel is ready, else `F.linear`. Without
+    `wait` this never blocks: it starts the build in the background (first call) and answers F.linear until the
+    build is done, so a caller that asks again later (the engine does, per generation) picks the kernel up."""
+    if wait:
+        return linear_rows if GEMM.runner() is not None else F.linear
+    if GEMM.ready():
+        GEMM.runner()  # sets the hot path
+        return linear_rows
+    GEMM.build_in_background()
+    return F.linear
 
 
 def matmul_kernel_active() -> bool:

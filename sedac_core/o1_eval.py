@@ -123,6 +123,7 @@ def run_o1_eval(engine: SedacEngine, items: list[EvalItem] | None = None, *, max
     if not items:
         raise ConfigError("no O1 eval items to run (empty split or --limit 0)")
     engine.set_adaptive(False)  # both arms at the same tau_high: adaptation would move it between questions
+    engine.settle_kernels()
     _run(engine, items[0], False, 4)  # warm-up
     rows = []
     for i, item in enumerate(items):
@@ -207,6 +208,7 @@ def tune_o1(engine: SedacEngine, items: list[EvalItem] | None = None, *,
     if not items:
         raise ConfigError("no O1 eval items to tune on")
     engine.set_adaptive(False)
+    engine.settle_kernels()
     s: O1Settings = engine.reasoner.settings
     _run(engine, items[0], False, 4)  # warm-up
     off = [_run(engine, item, False, max_new_tokens) for item in items]
@@ -262,6 +264,7 @@ def bench_rollouts(engine: SedacEngine, items: list[EvalItem] | None = None, *, 
     import torch
 
     items = items or load_eval_items(split="dev")[:20]
+    engine.settle_kernels()
     base = settings or engine.reasoner.settings
     variants = {b: O1Settings(**{**vars(base), "batched_rollouts": b}) for b in (False, True)}
     strategy = Lookahead()

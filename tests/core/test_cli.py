@@ -81,7 +81,7 @@ def test_info_json():
     r = runner.invoke(app, ["info", "--json"])
     assert r.exit_code == 0, r.output
     data = json.loads(r.stdout)
-    for key in ("torch", "transformers", "device", "kernel_backend", "default_model", "cache_dir"):
+    for key in ("torch", "transformers", "device", "kernel_backend", "matmul_kernel", "default_model", "cache_dir"):
         assert key in data
 
 

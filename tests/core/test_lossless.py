@@ -68,6 +68,16 @@ def test_greedy_output_is_identical_to_full_depth(arch, setting):
             assert end.accepted == end.drafted > 0  # a full-vocabulary draft at full depth is the full model's
 
 
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_a_round_drafts_at_most_max_draft_tokens(k):
+    engine = _engine(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400, max_draft_tokens=k)
+    full, lossless = _pair(engine, "Hello", 25, ignore_eos=True)
+    end = lossless.events[-1]
+    assert lossless.token_ids == full.token_ids
+    assert end.drafted <= k * end.rounds  # every draft is accepted here, so only the cap ends a round
+    assert end.rounds == -(-24 // k)  # 24 tokens after the prefill's, k per verification pass
+
+
 def test_rejected_drafts_are_events_but_never_output():
     engine = _engine(exit_draft_entropy=32.0, full_draft_entropy=0.0, heads_scale=0.5)
     full, lossless = _pair(engine, "Hello", 30, ignore_eos=True)

@@ -255,3 +255,38 @@ def test_a_cpu_without_avx2_uses_torch(tmp_path, monkeypatch):
     monkeypatch.setattr(kernels, "host_isa", lambda: "DEFAULT")
     active, reason = GemmKernel(cache_root=tmp_path).status()
     assert (active, reason) == (False, "matmul: needs AVX2 or AVX512, using torch")
+
+
+# -- the engine's use of it --------------------------------------------------------------------------------------
+
+def _engine(matmul_kernel: bool):
+    from sedac_core.config import SedacConfig
+    from sedac_core.engine import SedacEngine
+    from tests.conftest import make_bundle
+
+    config = SedacConfig()
+    config.performance.matmul_kernel = matmul_kernel
+    return SedacEngine(make_bundle("llama", layers=4, seed=3), config)
+
+
+def test_engine_runs_its_matmuls_on_the_kernel_once_built(gemm):
+    from sedac_core.engine import GenerationRequest
+
+    on, off = _engine(True), _engine(False)
+    req = lambda: GenerationRequest(prompt="Hello! How can I", max_new_tokens=12)  # noqa: E731
+    r_on, r_off = on.generate(req()), off.generate(req())
+    assert on.anatomy.linear is linear_rows  # the conftest built the kernel, so the engine picked it up
+    assert off.anatomy.linear is F.linear  # performance.matmul_kernel: false keeps torch's
+    assert r_on.generated_text == r_off.generated_text  # the same greedy answer, only the arithmetic differs
+
+
+def test_engine_uses_torch_until_the_background_build_is_done(monkeypatch, tmp_path):
+    from sedac_core.engine import GenerationRequest
+
+    pending = GemmKernel(cache_root=tmp_path)  # a kernel whose build has not finished
+    started = []
+    monkeypatch.setattr(pending, "build_in_background", lambda: started.append(True))
+    monkeypatch.setattr(matmul, "GEMM", pending)
+    eng = _engine(True)
+    eng.generate(GenerationRequest(prompt="Hello", max_new_tokens=3))
+    assert started and eng.anatomy.linear is F.linear  # never waited for the build, asked for it
