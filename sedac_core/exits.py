@@ -228,7 +228,11 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
                 groups.append(torch.full((n,), b + r, dtype=torch.long))
                 total += n
             if progress:
-                done = min(1.0, (b + len(batch)) / len(prompts))
+                # the run ends at the last prompt or at max_tokens, whichever comes first: the bar follows the nearer
+                done = (b + len(batch)) / len(prompts)
+                if max_tokens:
+                    done = max(done, total / max_tokens)
+                done = min(1.0, done)
                 progress(f"generated {total} tokens ({total / max(1e-9, time.time() - t0):.0f} tok/s)", done)
             if max_tokens is not None and total >= max_tokens:
                 break

@@ -201,3 +201,13 @@ def test_recalibrate_without_heads_is_a_clear_error(tiny_llama_bundle):
 
     with pytest.raises(SedacError, match="sedac-chat train"):
         SedacEngine(tiny_llama_bundle).recalibrate()
+
+
+def test_collect_progress_follows_the_token_budget():
+    """With a token budget that ends the run early, the bar still reaches the end, and never goes back."""
+    bundle = make_bundle("llama", layers=4, seed=1)
+    seen: list[float] = []
+    data = collect_exit_data(bundle, PROMPTS, [2], max_new_tokens=8, batch_size=2, max_tokens=20,
+                             progress=lambda message, done: seen.append(done))
+    assert len(data) >= 20 and len(seen) < len(PROMPTS) // 2  # stopped early, at the budget
+    assert seen == sorted(seen) and seen[-1] == 1.0
