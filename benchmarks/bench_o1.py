@@ -37,7 +37,7 @@ def main() -> None:
     engine = SedacEngine(load_model(args.model))
     s = engine.reasoner.settings
     if args.tau_high is not None:
-        engine.set_thresholds(tau_high=args.tau_high, source="config")
+        engine.config.o1.trigger_entropy = args.tau_high  # the O1 trigger (bits)
     if args.top_k is not None:
         s.top_k = args.top_k
     if args.rollout_tokens is not None:

@@ -76,6 +76,8 @@ class O1Section:
     max_triggers: int = 2  # per response
     max_extra_passes: int = 24  # per response: token forward passes spent on rollouts
     min_varentropy: float | None = None  # also require varentropy (bits^2) above this; null: entropy alone
+    # the trigger's entropy (bits); null: tau_high (calibrated P90, live-settable). 3.0 was the dev split's pick
+    trigger_entropy: float | None = None
 
     def validate(self) -> None:
         _choice("o1.strategy", self.strategy, O1_STRATEGIES)
@@ -90,6 +92,10 @@ class O1Section:
             if isinstance(self.min_varentropy, bool) or not isinstance(self.min_varentropy, (int, float)):
                 raise ConfigError(f"'o1.min_varentropy' must be a number or null, got {self.min_varentropy!r}")
             _range("o1.min_varentropy", self.min_varentropy, 0.0, 1024.0)
+        if self.trigger_entropy is not None:
+            if isinstance(self.trigger_entropy, bool) or not isinstance(self.trigger_entropy, (int, float)):
+                raise ConfigError(f"'o1.trigger_entropy' must be a number of bits or null, got {self.trigger_entropy!r}")
+            _range("o1.trigger_entropy", self.trigger_entropy, 0.0, 64.0, low_open=True)
         if self.top_k * self.rollout_tokens > self.max_extra_passes and self.max_triggers > 0:
             raise ConfigError(
                 f"one O1 trigger costs o1.top_k * o1.rollout_tokens = {self.top_k * self.rollout_tokens} passes, "

@@ -267,6 +267,12 @@ class SedacEngine:
         """Which optional features this engine can run (the UI disables toggles for the others)."""
         return {"o1": True, "ghost_kv": self.ghost_kv is not None}
 
+    @property
+    def o1_threshold(self) -> float:
+        """The entropy (bits) above which O1 thinks: `o1.trigger_entropy` when set, else tau_high."""
+        fixed = self.config.o1.trigger_entropy
+        return self._tau_high if fixed is None else float(fixed)
+
     def set_thresholds(self, tau_low: float | None = None, tau_high: float | None = None,
                        source: str = "user") -> ThresholdChange:
         event = self._apply_thresholds(tau_low, tau_high, source)
@@ -601,14 +607,15 @@ class SedacEngine:
                 argmax = int(logits.argmax())
             o1 = None
             row_draft = block.drafts[row] if block is not None else None
+            o1_at = self.o1_threshold  # read per token: tau_high can change live
             if use_o1 and block is not None and self.reasoner.policy.should_trigger(
-                    o1_budget, index, float(stats.entropy_bits[0]), float(stats.varentropy[0]), self._tau_high):
+                    o1_budget, index, float(stats.entropy_bits[0]), float(stats.varentropy[0]), o1_at):
                 cache.truncate(pos)  # O1 rolls out from here: drop the round's later rows first
                 block = None
             if use_o1:  # O1: think harder at an uncertain position, before committing a token
                 o1 = self.reasoner.maybe_think(
                     self, o1_budget, logits, stats, pos=pos, index=index, generation_id=gid,
-                    tau_high=self._tau_high, banned=frozenset(self._eos) if req.ignore_eos else frozenset())
+                    tau_high=o1_at, banned=frozenset(self._eos) if req.ignore_eos else frozenset())
             draft_dist = block.draft_dists[row] if block is not None else None
             if o1 is not None:
                 token_id = o1[0]

@@ -117,7 +117,7 @@ def paired_bootstrap_ci(off: list[bool], on: list[bool], n_boot: int = 5000, see
 def run_o1_eval(engine: SedacEngine, items: list[EvalItem] | None = None, *, max_new_tokens: int = 24,
                 limit: int | None = None, echo: Callable[[str], None] = print,
                 json_out: Path | None = None, split: str = "test") -> dict[str, Any]:
-    """Accuracy with O1 off vs on (at the engine's tau_high and reasoner settings) on the held-out `test` split
+    """Accuracy with O1 off vs on (at the engine's O1 trigger, o1.trigger_entropy or tau_high, and reasoner settings) on the held-out `test` split
     by default, alternating the arms per item."""
     items = (items or load_eval_items(split=split))[: limit or None]
     if not items:
@@ -145,7 +145,7 @@ def run_o1_eval(engine: SedacEngine, items: list[EvalItem] | None = None, *, max
     time_on = sum(r["on"]["seconds"] for r in rows)
     report = {
         "model": engine.bundle.name, "split": "+".join(sorted({i.split for i in items})), "n": n,
-        "max_new_tokens": max_new_tokens, "tau_high": engine.tau_high,
+        "max_new_tokens": max_new_tokens, "tau_high": engine.o1_threshold,
         "settings": dict(vars(engine.reasoner.settings)), "strategy": engine.reasoner.strategy.name,
         "accuracy_off": acc_off, "accuracy_on": acc_on, "diff": acc_on - acc_off, "diff_ci95": [lo, hi],
         "wins": wins, "losses": losses,
@@ -216,11 +216,11 @@ def tune_o1(engine: SedacEngine, items: list[EvalItem] | None = None, *,
     points: list[dict[str, Any]] = []
 
     def measure(tau_high: float, k: int, m: int) -> dict[str, Any]:
-        engine.set_thresholds(tau_high=tau_high, source="config")
+        engine.config.o1.trigger_entropy = float(tau_high)  # O1's own trigger: the heatmap's tau_high stays
         s.top_k, s.rollout_tokens = k, m
         s.max_extra_passes = max(s.max_extra_passes, s.max_triggers * k * m)
         on = [_run(engine, item, True, max_new_tokens) for item in items]
-        point = {"tau_high": engine.tau_high, "top_k": k, "rollout_tokens": m,
+        point = {"tau_high": engine.o1_threshold, "top_k": k, "rollout_tokens": m,
                  "max_extra_passes": s.max_extra_passes, **_summary(off, on),
                  "wins": [i.id for i, a, b in zip(items, off, on) if b["correct"] and not a["correct"]],
                  "losses": [i.id for i, a, b in zip(items, off, on) if a["correct"] and not b["correct"]]}
@@ -243,7 +243,7 @@ def tune_o1(engine: SedacEngine, items: list[EvalItem] | None = None, *,
         if (k, m) != (k0, m0):
             measure(tau, k, m)
     choice = best(points)
-    engine.set_thresholds(tau_high=choice["tau_high"], source="config")
+    engine.config.o1.trigger_entropy = float(choice["tau_high"])
     s.top_k, s.rollout_tokens, s.max_extra_passes = choice["top_k"], choice["rollout_tokens"], choice["max_extra_passes"]
     report = {"model": engine.bundle.name, "split": "dev", "n": len(items), "max_new_tokens": max_new_tokens,
               "max_time_ratio": max_time_ratio, "accuracy_off": sum(r["correct"] for r in off) / len(items),

@@ -115,6 +115,22 @@ def test_engine_triggers_follow_the_policy(tiny_llama_bundle):
     assert quiet.events[-1].o1_triggers == 0
 
 
+def test_o1_trigger_entropy_overrides_tau_high(tiny_llama_bundle):
+    engine = SedacEngine(tiny_llama_bundle)
+    engine.reasoner = Reasoner(O1Settings(min_spacing=5, max_triggers=3), strategy=_FixedChoice(42, 6))
+    req = lambda: GenerationRequest(prompt="Hello", max_new_tokens=12, ignore_eos=True, o1=True)  # noqa: E731
+    engine.set_thresholds(tau_high=19.0)  # above every entropy of the tiny model
+    engine.config.o1.trigger_entropy = 1.0  # O1's own trigger: below every entropy
+    assert engine.o1_threshold == 1.0
+    assert engine.generate(req()).events[-1].o1_triggers == 3
+    engine.set_thresholds(tau_high=1.0)
+    engine.config.o1.trigger_entropy = 19.0
+    assert engine.generate(req()).events[-1].o1_triggers == 0
+    engine.config.o1.trigger_entropy = None  # null: tau_high again, live
+    assert engine.o1_threshold == engine.tau_high == 1.0
+    assert engine.generate(req()).events[-1].o1_triggers == 3
+
+
 # -- engine controls -----------------------------------------------------------------------------------------------
 def test_o1_is_off_by_default_and_toggles(tiny_llama_bundle):
     engine = SedacEngine(tiny_llama_bundle)
@@ -414,6 +430,8 @@ def test_o1_config_section_reaches_the_engine(tmp_path, tiny_llama_bundle):
         ("o1:\n  min_spacing: 0\n", "'o1.min_spacing' is 0, out of range"),
         ("o1:\n  top_k: 5\n  rollout_tokens: 8\n", "o1.top_k \\* o1.rollout_tokens = 40 passes"),
         ("o1:\n  k: 3\n", "unknown key 'o1.k'"),
+        ("o1:\n  trigger_entropy: 0\n", "'o1.trigger_entropy' is 0, out of range"),
+        ("o1:\n  trigger_entropy: high\n", "'o1.trigger_entropy' must be a number of bits or null"),
     ],
 )
 def test_bad_o1_config_names_the_key(tmp_path, text, match):
@@ -421,3 +439,20 @@ def test_bad_o1_config_names_the_key(tmp_path, text, match):
     p.write_text(text)
     with pytest.raises(ConfigError, match=match):
         SedacConfig.load(p)
+
+
+def test_tune_o1_sets_the_o1_trigger_and_reports_every_point(tiny_llama_bundle):
+    from sedac_core.o1_eval import tune_o1
+
+    engine = SedacEngine(tiny_llama_bundle)
+    items = load_eval_items(split="dev")[:3]
+    tau_high = engine.tau_high
+    report = tune_o1(engine, items, tau_highs=(1.0, 19.0), top_k_rollouts=((2, 2),), max_new_tokens=4,
+                     echo=lambda s: None)
+    assert [(p["tau_high"], p["top_k"], p["rollout_tokens"]) for p in report["points"]][:2] == [
+        (1.0, 3, 4), (19.0, 3, 4)]
+    assert len(report["points"]) == 3 and report["n"] == 3
+    quiet = report["points"][1]
+    assert quiet["triggers_per_response"] == 0 and quiet["diff"] == 0  # 19 bits: O1 never fires
+    assert engine.o1_threshold == report["best"]["tau_high"]  # left at the pick
+    assert engine.tau_high == tau_high  # the heatmap's tau_high is not O1's knob
