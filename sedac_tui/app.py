@@ -182,6 +182,7 @@ BINDINGS: list[Binding] = [
     Binding("o,f9", "toggle_o1", "O1 reasoning", show=False, id="toggle_o1"),
     Binding("g,f10", "toggle_ghost_kv", "Ghost KV", show=False, id="toggle_ghost_kv"),
     Binding("c,f3", "calibrate", "Re-calibrate", show=False, id="calibrate"),
+    Binding("a", "resume_adaptive", "Resume adaptive thresholds", show=False, id="resume_adaptive"),
     Binding("t,ctrl+t", "cycle_theme", "Theme", show=False, id="cycle_theme"),
     Binding("ctrl+s", "save_theme", "Save theme to config", show=False, id="save_theme"),
     Binding("f2,i", "inspector", "Inspect", id="inspector"),
@@ -192,7 +193,8 @@ BINDINGS: list[Binding] = [
     Binding("plus,equals_sign", "replay_speed(1)", "Faster", show=False, id="replay_faster"),
     Binding("minus", "replay_speed(-1)", "Slower", show=False, id="replay_slower"),
 ]
-LIVE_ONLY = {"tau_low", "tau_high", "cycle_mode", "toggle_o1", "toggle_ghost_kv", "calibrate", "focus_prompt"}
+LIVE_ONLY = {"tau_low", "tau_high", "cycle_mode", "toggle_o1", "toggle_ghost_kv", "calibrate", "resume_adaptive",
+             "focus_prompt"}
 REPLAY_ONLY = {"replay_pause", "replay_step", "replay_speed"}
 BINDING_IDS = [b.id for b in BINDINGS if b.id] + ["app.quit", "app.command_palette"]
 
@@ -565,6 +567,30 @@ class SedacChatApp(App[None]):
     def action_toggle_ghost_kv(self) -> None:
         self._toggle("ghost_kv", "Ghost KV")
 
+    def adaptive_unavailable(self) -> str | None:
+        """Why the adaptive thresholds cannot be resumed now, or None when they can (or already run)."""
+        if self.replay_mode:
+            return "replay: the recorded session decides"
+        if self.engine is None:
+            return "the model is still loading"
+        if not callable(getattr(self.engine, "set_adaptive", None)):
+            return "not implemented by this engine yet"
+        if getattr(self.engine, "adaptive_paused", None) is None:
+            return "off in the config (sedac.adaptive_threshold)"
+        return None
+
+    def action_resume_adaptive(self) -> None:
+        """After a threshold set by hand (which pauses adaptation): let tau_high follow the session's P90 again."""
+        why = self.adaptive_unavailable()
+        if why is not None:
+            self.notify(f"adaptive thresholds are unavailable: {why}", severity="warning")
+            return
+        if self.engine.adaptive_paused is False:
+            self.notify("adaptive thresholds are already on")
+            return
+        self._control(lambda: self.engine.set_adaptive(True))
+        self.notify("adaptive thresholds resumed: tau_high follows this session's P90 again (every 32 tokens)")
+
     def calibrate_unavailable(self) -> str | None:
         if self.engine is None:
             return "the model is still loading"
@@ -691,6 +717,8 @@ class SedacChatApp(App[None]):
             return self.feature_unavailable("ghost_kv") or ""
         if name == "calibrate":
             return self.calibrate_unavailable() or ""
+        if name == "resume_adaptive":
+            return self.adaptive_unavailable() or ""
         if name == "cycle_mode" and self.engine is not None and len(tuple(self.engine.available_modes)) <= 1:
             return f"only '{self.engine.mode}' available"
         return ""

@@ -36,6 +36,8 @@ class ViewState:
     last_end: GenerationEnd | None = None
     selected: int | None = None  # token index shown in the inspector (None: the inspector follows the stream)
     generations: int = 0
+    threshold_source: str | None = None  # who moved the thresholds last (user, api, calibration, adaptive...)
+    percentiles: Mapping[str, float] | None = None  # the adaptive estimates {p20, p50, p90, n} behind the last move
 
     # -- feeding -----------------------------------------------------------------------------------
     def apply_header(self, header: SessionStart) -> None:
@@ -68,6 +70,9 @@ class ViewState:
             self.o1_events.append(event)
         elif isinstance(event, ThresholdChange):
             self.tau_low, self.tau_high = event.tau_low, event.tau_high
+            self.threshold_source = event.source
+            if event.source == "adaptive":
+                self.percentiles = event.percentiles
         elif isinstance(event, ModeChange):
             self.mode = event.mode
             self.enable_o1_reasoning = event.enable_o1_reasoning

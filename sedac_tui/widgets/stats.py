@@ -39,7 +39,11 @@ class StatsBar(Widget):
             item("model", f"{s.model or '?'} ({s.num_layers}L)" if s.num_layers else (s.model or "?"))
         item("mode", s.mode + (" +O1" if s.enable_o1_reasoning else "") + (" +GhostKV" if s.enable_ghost_kv else ""))
         item("tau_low", f"{s.tau_low:.2f}")
-        item("tau_high", f"{s.tau_high:.2f}")
+        adaptive = s.threshold_source == "adaptive"
+        item("tau_high", f"{s.tau_high:.2f}" + (" =P90" if adaptive else ""))
+        if adaptive and s.percentiles:
+            p = s.percentiles
+            item("adaptive", f"P20 {p.get('p20', 0):.2f} P50 {p.get('p50', 0):.2f} over {int(p.get('n', 0))} tok")
         tps, skip, avg = s.tok_per_s, s.skip_ratio, s.avg_exit_layer
         item("tok/s", f"{tps:.1f}" if tps is not None else "–")
         item("skip", f"{skip:.0%}" if skip is not None else "–")

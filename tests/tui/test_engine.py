@@ -108,3 +108,41 @@ async def test_lossless_mode_in_the_app_shows_drafts_and_the_full_models_answer(
     engine.reset()
     full = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=24, mode="full"))
     assert answer == full.generated_text == end.text
+
+
+async def test_resume_adaptive_thresholds_key_and_the_adaptive_readout(tiny_llama_bundle):
+    config = SedacConfig()
+    app = engine_app(tiny_llama_bundle, config)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await ready(pilot)
+        assert app.engine.adaptive_paused is False
+        await pilot.press("escape", "a")
+        await pilot.pause()
+        assert any("already on" in n.message for n in app._notifications)
+        await pilot.press("right_curly_bracket")  # a threshold set by hand pauses adaptation
+        await pilot.pause()
+        assert app.engine.adaptive_paused is True
+        assert "=P90" not in str(app.query_one(StatsBar).render())
+        await pilot.press("a")
+        await pilot.pause()
+        assert app.engine.adaptive_paused is False
+        assert any("resumed" in n.message for n in app._notifications)
+        app.bus.publish(ThresholdChange(tau_low=0.5, tau_high=4.91, source="adaptive", time=1.0,
+                                        percentiles={"p20": 0.57, "p50": 1.98, "p90": 4.91, "n": 512}))
+        await pilot.pause()
+        stats = str(app.query_one(StatsBar).render())
+        assert "tau_high 4.91 =P90" in stats and "P20 0.57 P50 1.98 over 512 tok" in stats
+
+
+async def test_resume_adaptive_is_refused_when_the_config_turns_it_off(tiny_llama_bundle):
+    config = SedacConfig()
+    config.sedac.adaptive_threshold = False
+    app = engine_app(tiny_llama_bundle, config)
+    async with app.run_test(size=(160, 40)) as pilot:
+        await ready(pilot)
+        await pilot.press("escape", "a")
+        await pilot.pause()
+        assert app.engine.adaptive_paused is None
+        assert any("off in the config (sedac.adaptive_threshold)" in n.message for n in app._notifications)
+        notes = {desc: note for _, desc, note in app.help_rows()}
+        assert notes["Resume adaptive thresholds"] == "off in the config (sedac.adaptive_threshold)"
