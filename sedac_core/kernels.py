@@ -154,19 +154,28 @@ class KernelManager:
             objs.append(obj)
         return built, objs, notes
 
-    def _build_cpu(self) -> BuildResult:
+    def cpu_build_blocker(self, label: str, sources: tuple[str, ...]) -> tuple[str | None, BuildResult | None]:
+        """What a C++ build needs before it starts: (the compiler, None), or (None, the one-line reason it cannot
+        build, labelled e.g. "cpp" or "matmul"): no compiler, missing sources, or no ninja."""
         cxx = _cxx()
         if cxx is None:
-            return BuildResult(False, "cpp: no compiler, using torch")
-        missing = [n for n in CPU_SOURCES if not (self.src_dir / n).exists()]
-        if missing:
-            return BuildResult(False, f"cpp: kernel sources not found in {self.src_dir}, using torch")
+            return None, BuildResult(False, f"{label}: no compiler, using torch")
+        if any(not (self.src_dir / n).exists() for n in sources):
+            return None, BuildResult(False, f"{label}: kernel sources not found in {self.src_dir}, using torch")
         try:
-            from torch.utils.cpp_extension import load, verify_ninja_availability
+            from torch.utils.cpp_extension import verify_ninja_availability
 
             verify_ninja_availability()
         except Exception:  # noqa: BLE001 - any import/ninja problem means: no build
-            return BuildResult(False, "cpp: ninja not installed (pip install ninja), using torch")
+            return None, BuildResult(False, f"{label}: ninja not installed (pip install ninja), using torch")
+        return cxx, None
+
+    def _build_cpu(self) -> BuildResult:
+        cxx, blocked = self.cpu_build_blocker("cpp", CPU_SOURCES)
+        if blocked is not None:
+            return blocked
+        assert cxx is not None
+        from torch.utils.cpp_extension import load
         build_dir = self.cpu_build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         _clear_stale_lock(build_dir)

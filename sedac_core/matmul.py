@@ -61,18 +61,13 @@ class GemmKernel:
         want = (self.isa or kernels.host_isa()).upper()
         if want == "DEFAULT" and self.isa is None:  # the portable scalar build is ~10x slower than torch's GEMM
             return BuildResult(False, "matmul: needs AVX2 or AVX512, using torch")
-        cxx = kernels._cxx()
-        if cxx is None:
-            return BuildResult(False, "matmul: no compiler, using torch")
-        if any(not (self.src_dir / n).exists() for n in GEMM_SOURCES):
-            return BuildResult(False, f"matmul: kernel sources not found in {self.src_dir}, using torch")
-        try:
-            from torch.utils.cpp_extension import load, verify_ninja_availability
-
-            verify_ninja_availability()
-        except Exception:  # noqa: BLE001 - any import/ninja problem means: no build
-            return BuildResult(False, "matmul: ninja not installed (pip install ninja), using torch")
         mgr = self._manager()
+        cxx, blocked = mgr.cpu_build_blocker("matmul", GEMM_SOURCES)
+        if blocked is not None:
+            return blocked
+        assert cxx is not None
+        from torch.utils.cpp_extension import load
+
         build_dir = self.build_dir()
         build_dir.mkdir(parents=True, exist_ok=True)
         kernels._clear_stale_lock(build_dir)
