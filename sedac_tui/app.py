@@ -588,7 +588,7 @@ class SedacChatApp(App[None]):
         if self.engine.adaptive_paused is False:
             self.notify("adaptive thresholds are already on")
             return
-        self._control(lambda: self.engine.set_adaptive(True))
+        self._control(lambda: self.live.resume_adaptive())  # type: ignore[union-attr]
         self.notify("adaptive thresholds resumed: tau_high follows this session's P90 again (every 32 tokens)")
 
     def calibrate_unavailable(self) -> str | None:

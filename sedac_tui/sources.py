@@ -112,6 +112,9 @@ class LiveSource:
     def set_features(self, o1: bool | None = None, ghost_kv: bool | None = None) -> Event:
         return self.engine.set_features(o1=o1, ghost_kv=ghost_kv)
 
+    def resume_adaptive(self) -> None:
+        self.engine.set_adaptive(True)
+
 
 MIN_SPEED, MAX_SPEED = 0.125, 64.0
 
