@@ -60,6 +60,7 @@ def _short(text: str, limit: int = 160) -> str:
 
 
 STALE_LOCK_S = 900  # a build lock older than this was left by a killed build; cpp_extension would wait on it forever
+COMPILE_TIMEOUT_S = 600  # one kernel object compiles in well under a minute; a compiler stuck longer is killed
 
 
 def _clear_stale_lock(build_dir: Path) -> None:
@@ -144,7 +145,11 @@ class KernelManager:
         for isa, (obj, job) in jobs.items():
             if job is not None:
                 proc, tmp = job
-                out, _ = proc.communicate()
+                try:
+                    out, _ = proc.communicate(timeout=COMPILE_TIMEOUT_S)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out = (proc.communicate()[0] or "") + f"\ncompiler killed after {COMPILE_TIMEOUT_S} s"
                 (build_dir / f"{stem}_{isa.lower()}.log").write_text(out or "")
                 if proc.returncode != 0 or not tmp.exists():
                     notes.append(f"{isa} kernel not compiled ({_short(out)})")

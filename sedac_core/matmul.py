@@ -136,6 +136,14 @@ class GemmKernel:
                 self._thread = threading.Thread(target=self.result, name="sedac-matmul-build", daemon=True)
                 self._thread.start()
 
+    def wait(self, timeout: float | None = None) -> bool:
+        """Build (in the background, once) and wait up to `timeout` seconds for it; whether the kernel is ready."""
+        self.build_in_background()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout)
+        return self.ready()
+
     def ready(self) -> bool:
         """Whether the kernel is built, loaded and enabled, without building or waiting for it."""
         return self.enabled and self._result is not None and self._result.ok

@@ -24,10 +24,15 @@ CORPUS = [
 @pytest.fixture(scope="session", autouse=True)
 def _matmul_kernel_settled():
     """Engines pick the skinny-matmul kernel once its background build is done; build it up front (seconds when
-    cached, about a minute on a clean machine) so every test sees one arithmetic, not a switch halfway through."""
-    from sedac_core.matmul import matmul_linear
+    cached, about a minute on a clean machine) so every test sees one arithmetic, not a switch halfway through.
+    A build that has not finished in 15 minutes is abandoned: the whole session then runs on torch's matmuls."""
+    import warnings
 
-    matmul_linear(wait=True)
+    from sedac_core.matmul import GEMM
+
+    if not GEMM.wait(timeout=900) and GEMM._result is None:
+        GEMM.set_enabled(False)
+        warnings.warn("the matmul kernel build did not finish in 15 minutes; the tests run on torch's matmuls")
     yield
 
 
