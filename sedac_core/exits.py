@@ -173,13 +173,38 @@ class ExitData:
         return ExitData({l: h[idx] for l, h in self.hidden.items()}, self.final_hidden[idx], self.final_token[idx],
                         self.final_entropy[idx], self.group[idx])
 
+    def save(self, path: Path, meta: dict[str, Any]) -> None:
+        """Write the collected data with `meta` (what it was collected with) atomically: an interrupted write
+        leaves no file that `load` would take."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        torch.save({"meta": meta, "hidden": self.hidden, "final_hidden": self.final_hidden,
+                    "final_token": self.final_token, "final_entropy": self.final_entropy, "group": self.group}, tmp)
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: Path, meta: dict[str, Any]) -> "ExitData | None":
+        """The data saved at `path` if it was collected with the same `meta`, else None (collect it again)."""
+        try:
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - missing, truncated or foreign: collect again
+            return None
+        if not isinstance(raw, dict) or raw.get("meta") != meta:
+            return None
+        return cls(raw["hidden"], raw["final_hidden"], raw["final_token"], raw["final_entropy"], raw["group"])
+
 
 @torch.inference_mode()
 def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max_new_tokens: int = 96,
-                      batch_size: int = 16, max_tokens: int | None = None,
+                      batch_size: int = 16, max_tokens: int | None = None, samples: int = 0,
+                      temperature: float = 0.8, seed: int = 0,
                       progress: Progress | None = None) -> ExitData:
     """Generate greedy answers to `prompts` in batches (transformers' generate, left-padded), then run the
-    sequences once more to read the hidden states at `layers` and at the top for every answer position."""
+    sequences once more to read the hidden states at `layers` and at the top for every answer position.
+
+    `samples` adds that many sampled answers per prompt (at `temperature`, seeded): more varied text from the same
+    prompts. Every position's target is still the full model's own next-token distribution there, and all answers
+    to one prompt share its group, so a split by prompt keeps them on one side."""
     from .entropy import entropy_bits
 
     model, tok = bundle.model, bundle.tokenizer
@@ -203,37 +228,45 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
             ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=bundle.device)
             mask = (torch.arange(width, device=bundle.device)[None, :] >= torch.tensor(
                 [width - len(e) for e in encoded], device=bundle.device)[:, None]).long()
-            captured.clear()
-            out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=pad_id)
-            gen = out[:, width:]
-            # answer length: up to and including the first EOS
-            eos = torch.tensor(sorted(bundle.eos_token_ids), device=gen.device)
-            is_eos = torch.isin(gen, eos)
-            lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1,
-                                  torch.full_like(is_eos[:, 0], gen.shape[1], dtype=torch.long))
-            full_mask = torch.cat([mask, (torch.arange(gen.shape[1], device=gen.device)[None] < lengths[:, None]).long()], 1)
-            captured.clear()
-            logits = model(out, attention_mask=full_mask).logits
-            for r in range(len(batch)):
-                n = int(lengths[r])
-                # positions width-1 .. width+n-2 predict the answer tokens
-                sl = slice(width - 1, width - 1 + n)
-                for l in layers:
-                    hidden[l].append(captured[l][r, sl].float().cpu())
-                finals.append(captured[bundle.num_layers][r, sl].float().cpu())
-                lg = logits[r, sl].float()
-                tokens.append(lg.argmax(-1).cpu())
-                ents.append(entropy_bits(lg).cpu())
-                groups.append(torch.full((n,), b + r, dtype=torch.long))
-                total += n
-            if progress:
-                # the run ends at the last prompt or at max_tokens, whichever comes first: the bar follows the nearer
-                done = (b + len(batch)) / len(prompts)
-                if max_tokens:
-                    done = max(done, total / max_tokens)
-                done = min(1.0, done)
-                progress(f"generated {total} tokens ({total / max(1e-9, time.time() - t0):.0f} tok/s)", done)
+            for variant in range(1 + samples):  # 0: the greedy answers, then the sampled ones
+                if variant:
+                    torch.manual_seed(seed * 1_000_003 + variant * 10_007 + b)
+                    how = dict(do_sample=True, temperature=temperature, top_p=1.0, top_k=0)
+                else:
+                    how = dict(do_sample=False)
+                out = model.generate(ids, attention_mask=mask, max_new_tokens=max_new_tokens, pad_token_id=pad_id,
+                                     **how)
+                gen = out[:, width:]
+                # answer length: up to and including the first EOS
+                eos = torch.tensor(sorted(bundle.eos_token_ids), device=gen.device)
+                is_eos = torch.isin(gen, eos)
+                lengths = torch.where(is_eos.any(1), is_eos.float().argmax(1) + 1,
+                                      torch.full_like(is_eos[:, 0], gen.shape[1], dtype=torch.long))
+                answer = (torch.arange(gen.shape[1], device=gen.device)[None] < lengths[:, None]).long()
+                captured.clear()
+                logits = model(out, attention_mask=torch.cat([mask, answer], 1)).logits
+                for r in range(len(batch)):
+                    n = int(lengths[r])
+                    # positions width-1 .. width+n-2 predict the answer tokens
+                    sl = slice(width - 1, width - 1 + n)
+                    for l in layers:
+                        hidden[l].append(captured[l][r, sl].float().cpu())
+                    finals.append(captured[bundle.num_layers][r, sl].float().cpu())
+                    lg = logits[r, sl].float()
+                    tokens.append(lg.argmax(-1).cpu())
+                    ents.append(entropy_bits(lg).cpu())
+                    groups.append(torch.full((n,), b + r, dtype=torch.long))
+                    total += n
+                if progress:
+                    # the run ends at the last prompt or at max_tokens, whichever comes first: the bar follows the
+                    # nearer
+                    done = (b + len(batch) * (variant + 1) / (1 + samples)) / len(prompts)
+                    if max_tokens:
+                        done = max(done, total / max_tokens)
+                    progress(f"generated {total} tokens ({total / max(1e-9, time.time() - t0):.0f} tok/s)",
+                             min(1.0, done))
+                if max_tokens is not None and total >= max_tokens:
+                    break
             if max_tokens is not None and total >= max_tokens:
                 break
     finally:

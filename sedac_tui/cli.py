@@ -404,28 +404,50 @@ def train(
     ghost_kv: bool = typer.Option(False, "--ghost-kv", help="Train the Ghost KV (the skipped layers' K/V "
                                   "predictor) for the exit layers of the model's exit heads, instead of the heads."),
     rank: int = typer.Option(128, "--rank", help="With --ghost-kv: the rank of its low-rank map."),
+    samples: int = typer.Option(0, "--samples", help="Sampled answers per prompt on top of the greedy one (more "
+                                "varied training text from the same prompts)."),
+    temperature: float = typer.Option(0.8, "--temperature", help="With --samples: their sampling temperature."),
+    data: Optional[Path] = typer.Option(None, "--data", help="Keep the collected hidden states in this file: a "
+                                        "later run with the same model and collection options reuses it instead "
+                                        "of generating again (e.g. to try other --kl-epochs)."),
 ) -> None:
     """Train the exit heads (translators + entropy probes) on the model's own answers, calibrate, save a profile."""
     from sedac_core.calibration import calibrate_heads
-    from sedac_core.exits import (collect_exit_data, default_exit_layers, load_prompts, split_by_prompt,
-                                  train_exit_heads, user_profile_dir)
+    from sedac_core.exits import (ExitData, collect_exit_data, default_exit_layers, load_prompts,
+                                  split_by_prompt, train_exit_heads, user_profile_dir)
     from sedac_core.models import load_model
 
     if rank < 1:
         _fail(f"--rank is {rank}; it must be at least 1 (e.g. 128)")
+    if samples < 0:
+        _fail(f"--samples is {samples}; it must be 0 or more (e.g. 3)")
+    if samples and temperature <= 0:
+        _fail(f"--temperature is {temperature}; sampling needs a temperature above 0 (e.g. 0.8)")
     cfg = _load_config(None)
     bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
+    texts = load_prompts(prompts)
+
+    def collect(layers: list[int]) -> ExitData:
+        meta = dict(fingerprint=bundle.fingerprint, layers=list(layers), prompts=texts, tokens=tokens,
+                    max_new_tokens=max_new_tokens, batch_size=batch_size, samples=samples, temperature=temperature)
+        if data is not None and (kept := ExitData.load(data, meta)) is not None:
+            typer.secho(f"reusing {len(kept)} collected tokens from {data}", dim=True, err=True)
+            return kept
+        with _Progress("collecting") as bar:
+            got = collect_exit_data(bundle, texts, layers, max_new_tokens=max_new_tokens, batch_size=batch_size,
+                                    max_tokens=tokens, samples=samples, temperature=temperature, progress=bar)
+        if data is not None:
+            got.save(data, meta)
+        return got
+
     if ghost_kv:
         from sedac_core.ghost_kv import ghost_exit_layers, held_out_summary, required_layers, train_ghost_kv
 
         layers = ghost_exit_layers(bundle)
-        texts = load_prompts(prompts)
-        with _Progress("collecting") as bar:  # the hidden states of every layer from the lowest exit up
-            data = collect_exit_data(bundle, texts, required_layers(layers, bundle.num_layers),
-                                     max_new_tokens=max_new_tokens, batch_size=batch_size, max_tokens=tokens,
-                                     progress=bar)
+        # the hidden states of every layer from the lowest exit up
+        collected = collect(required_layers(layers, bundle.num_layers))
         with _Progress("fitting Ghost KV") as bar:
-            ghost, report = train_ghost_kv(bundle, data, layers, rank=rank, progress=bar)
+            ghost, report = train_ghost_kv(bundle, collected, layers, rank=rank, progress=bar)
         ghost.meta.update(fingerprint=bundle.fingerprint, model=bundle.name, trained_at=time.time())
         target = out or user_profile_dir(bundle.fingerprint)
         ghost.save(target)
@@ -435,15 +457,18 @@ def train(
                    f"saved to {target} (use it with sedac.enable_ghost_kv: true, or `g` in the app)")
         return
     layers = default_exit_layers(bundle.num_layers)
-    texts = load_prompts(prompts)
-    with _Progress("collecting") as bar:
-        data = collect_exit_data(bundle, texts, layers, max_new_tokens=max_new_tokens, batch_size=batch_size,
-                                 max_tokens=tokens, progress=bar)
+    collected = collect(layers)
     with _Progress("training") as bar:
-        heads, report = train_exit_heads(bundle, data, layers, kl_epochs=kl_epochs, progress=bar)
-    _, held_out = split_by_prompt(data)
+        heads, report = train_exit_heads(bundle, collected, layers, kl_epochs=kl_epochs, progress=bar)
+    _, held_out = split_by_prompt(collected)
     cal = calibrate_heads(bundle, heads, held_out, target_agreement=target_agreement)
-    heads.meta.update(fingerprint=bundle.fingerprint, model=bundle.name, trained_at=time.time())
+    heads.meta.update(fingerprint=bundle.fingerprint, model=bundle.name, trained_at=time.time(), training={
+        "tokens": len(collected), "prompts": str(prompts) if prompts else "the shipped training prompts",
+        "max_new_tokens": max_new_tokens, "samples_per_prompt": samples,
+        **({"temperature": temperature} if samples else {}),
+        "fit": "least squares" + (f" + {kl_epochs} epochs full-vocabulary KL (Adam 3e-4, batch 256)"
+                                  if kl_epochs else ""),
+        "held_out": "20% of prompts"})
     target = out or user_profile_dir(bundle.fingerprint)
     heads.save(target)
     typer.echo(f"held-out top-1 agreement per exit layer: {report['held_out_agreement']}")

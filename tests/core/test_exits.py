@@ -211,3 +211,53 @@ def test_collect_progress_follows_the_token_budget():
                              progress=lambda message, done: seen.append(done))
     assert len(data) >= 20 and len(seen) < len(PROMPTS) // 2  # stopped early, at the budget
     assert seen == sorted(seen) and seen[-1] == 1.0
+
+
+def test_sampled_answers_add_varied_text_from_the_same_prompts():
+    """--samples: more training rows from the same prompts, seeded (a rerun collects the same data), grouped by
+    prompt so that a held-out split never sees a prompt it trained on."""
+    bundle = make_bundle("llama", layers=4, seed=1)
+    greedy = collect_exit_data(bundle, PROMPTS[:6], [2], max_new_tokens=10, batch_size=3)
+    sampled = collect_exit_data(bundle, PROMPTS[:6], [2], max_new_tokens=10, batch_size=3, samples=2,
+                                temperature=1.0)
+    again = collect_exit_data(bundle, PROMPTS[:6], [2], max_new_tokens=10, batch_size=3, samples=2,
+                              temperature=1.0)
+    assert len(sampled) > len(greedy)
+    assert torch.equal(sampled.final_token, again.final_token) and torch.equal(sampled.hidden[2], again.hidden[2])
+    assert set(sampled.group.tolist()) == set(greedy.group.tolist()) == set(range(6))
+    # the greedy answers come first in each batch, exactly as without samples
+    first = sampled.group[: (greedy.group < 3).sum()]
+    assert torch.equal(first, greedy.group[greedy.group < 3])
+    train, test = split_by_prompt(sampled)
+    assert not set(train.group.tolist()) & set(test.group.tolist())
+
+
+def test_cli_train_keeps_collected_data_and_reuses_it(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from conftest import make_tiny_model, make_tokenizer
+    from sedac_tui.cli import app
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_model("llama", layers=4, seed=3).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    monkeypatch.setattr("sedac_core.exits.user_profile_dir", lambda fp: tmp_path / "profiles" / fp)
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS))
+    data = tmp_path / "collected.pt"
+    args = ["train", "--model", str(model_dir), "--local", "--prompts", str(prompts), "--tokens", "200",
+            "--max-new-tokens", "8", "--batch-size", "5", "--samples", "1", "--data", str(data),
+            "--out", str(tmp_path / "out")]
+    runner = CliRunner()
+    first = runner.invoke(app, args)
+    assert first.exit_code == 0, first.output
+    assert data.exists() and "reusing" not in first.output
+    meta = ExitHeads.load(tmp_path / "out").meta["training"]
+    assert meta["samples_per_prompt"] == 1 and meta["tokens"] >= 200
+    second = runner.invoke(app, args)
+    assert second.exit_code == 0 and f"reusing {meta['tokens']} collected tokens" in second.output
+    # other collection options: collected again, not reused
+    third = runner.invoke(app, [*args[:-4], "--samples", "0", "--data", str(data), "--out", str(tmp_path / "o2")])
+    assert third.exit_code == 0 and "reusing" not in third.output
+    bad = runner.invoke(app, ["train", "--samples", "-1"])
+    assert bad.exit_code == 2 and "--samples is -1" in bad.output and len(bad.output.strip().splitlines()) == 1
