@@ -184,14 +184,20 @@ class ExitData:
 
     @classmethod
     def load(cls, path: Path, meta: dict[str, Any]) -> "ExitData | None":
-        """The data saved at `path` if it was collected with the same `meta`, else None (collect it again)."""
+        """The data saved at `path` if it was collected with the same `meta`, else None (collect it again). Its
+        layers may be more than `meta["layers"]` (the others are dropped)."""
         try:
             raw = torch.load(path, map_location="cpu", weights_only=True)
         except Exception:  # noqa: BLE001 - missing, truncated or foreign: collect again
             return None
-        if not isinstance(raw, dict) or raw.get("meta") != meta:
+        if not isinstance(raw, dict) or not isinstance(raw.get("meta"), dict):
             return None
-        return cls(raw["hidden"], raw["final_hidden"], raw["final_token"], raw["final_entropy"], raw["group"])
+        kept, want = dict(raw["meta"]), dict(meta)
+        kept_layers, want_layers = set(kept.pop("layers", [])), list(want.pop("layers", []))
+        if kept != want or not set(want_layers) <= kept_layers:
+            return None
+        return cls({l: raw["hidden"][l] for l in want_layers}, raw["final_hidden"], raw["final_token"],
+                   raw["final_entropy"], raw["group"])
 
 
 @torch.inference_mode()

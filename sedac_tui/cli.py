@@ -387,6 +387,17 @@ class _Progress:
         self.bar.__exit__(*exc)
 
 
+def _parse_layers(text: str, num_layers: int) -> list[int]:
+    try:
+        layers = sorted({int(part) for part in text.split(",") if part.strip()})
+    except ValueError:
+        _fail(f"--layers {text!r} is not a list of layer numbers; give e.g. --layers 14,18,21,24,27")
+    if not layers or layers[0] < 1 or layers[-1] >= num_layers:
+        _fail(f"--layers {text!r}: exit layers must lie between 1 and {num_layers - 1} (the model has "
+              f"{num_layers} layers)")
+    return layers
+
+
 @app.command()
 @friendly
 def train(
@@ -407,6 +418,8 @@ def train(
     samples: int = typer.Option(0, "--samples", help="Sampled answers per prompt on top of the greedy one (more "
                                 "varied training text from the same prompts)."),
     temperature: float = typer.Option(0.8, "--temperature", help="With --samples: their sampling temperature."),
+    layers_opt: Optional[str] = typer.Option(None, "--layers", help="Exit layers, comma-separated (default: "
+                                             "spread over the upper two thirds of the stack, e.g. 10,14,...,27)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Keep the collected hidden states in this file: a "
                                         "later run with the same model and collection options reuses it instead "
                                         "of generating again (e.g. to try other --kl-epochs)."),
@@ -456,7 +469,7 @@ def train(
         typer.echo(f"Ghost KV rank {ghost.rank}, {ghost.num_parameters():,} parameters, exit layers {layers}; "
                    f"saved to {target} (use it with sedac.enable_ghost_kv: true, or `g` in the app)")
         return
-    layers = default_exit_layers(bundle.num_layers)
+    layers = _parse_layers(layers_opt, bundle.num_layers) if layers_opt else default_exit_layers(bundle.num_layers)
     collected = collect(layers)
     with _Progress("training") as bar:
         heads, report = train_exit_heads(bundle, collected, layers, kl_epochs=kl_epochs, progress=bar)

@@ -256,8 +256,18 @@ def test_cli_train_keeps_collected_data_and_reuses_it(tmp_path, monkeypatch):
     assert meta["samples_per_prompt"] == 1 and meta["tokens"] >= 200
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and f"reusing {meta['tokens']} collected tokens" in second.output
+    # fewer exit layers than were collected: reused too
+    fewer = runner.invoke(app, [*args, "--layers", "2"])
+    assert fewer.exit_code == 0 and "reusing" in fewer.output
+    assert ExitHeads.load(tmp_path / "out").layers == [2]
     # other collection options: collected again, not reused
     third = runner.invoke(app, [*args[:-4], "--samples", "0", "--data", str(data), "--out", str(tmp_path / "o2")])
     assert third.exit_code == 0 and "reusing" not in third.output
-    bad = runner.invoke(app, ["train", "--samples", "-1"])
-    assert bad.exit_code == 2 and "--samples is -1" in bad.output and len(bad.output.strip().splitlines()) == 1
+    for bad_args, match in ((["--samples", "-1"], "--samples is -1"),
+                            (["--layers", "2,x"], "not a list of layer numbers"),
+                            (["--layers", "0,2"], "must lie between 1 and 3")):
+        bad = runner.invoke(app, ["train", "--model", str(model_dir), "--local", *bad_args])
+        assert bad.exit_code == 2 and match in bad.output, bad.output
+        lines = bad.output.strip().splitlines()  # (after the model's loading lines, for the range check)
+        assert lines[-1].startswith("error:") and sum("error" in line for line in lines) == 1
+        assert "Traceback" not in bad.output
