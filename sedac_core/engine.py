@@ -7,7 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Any, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -161,6 +161,8 @@ class SedacEngine:
         self._select_matmul()  # starts the skinny-matmul kernel's build in the background (first start only)
         self._seen_prompts: list[str] = []  # this session's user messages (re-calibration data)
         self.exit_heads: ExitHeads | None = None
+        self._exit_head: Any = None  # speculative.ReducedHead when the calibration's exit signal is "reduced"
+        self._check_layers: frozenset[int] = frozenset()
         # how skipped layers get K/V at an exited position: "propagate" (CALM's state propagation) or "oracle"
         # (run them anyway: no speed-up, the reference that measures what the fill itself costs in quality)
         # or "ghost" (Ghost KV: a learned predictor, when the profile has one; sedac.enable_ghost_kv selects it)
@@ -230,12 +232,23 @@ class SedacEngine:
         """Install (or remove) exit heads; apply their calibrated thresholds when auto_calibrate is on."""
         if heads is None:
             self.exit_heads = None
+            self._exit_head = None
             return
         self.exit_heads = heads.to(self.device, self.dtype)
         self.profile_notice = ""
         cal = heads.meta.get("calibration") or {}
         self.policy = ExitPolicy(min_layer=int(cal.get("min_layer", 1)),
                                  layer_offsets={int(k): float(v) for k, v in cal.get("layer_offsets", {}).items()})
+        # the exit signal: the entropy over a reduced vocabulary (calibrations since the "reduced" signal), else
+        # the probe's estimate; and the layers worth checking (calibration drops those whose exits don't pay)
+        wanted = cal.get("check_layers")
+        self._check_layers = frozenset(int(l) for l in (heads.layers if wanted is None else wanted))
+        self._exit_head = None
+        if cal.get("signal") == "reduced":
+            from .calibration import DECISION_VOCAB_SIZE
+            from .speculative import ReducedHead
+
+            self._exit_head = ReducedHead(self, int(cal.get("decision_vocab_size") or DECISION_VOCAB_SIZE))
         # K/V projections of every layer, for filling skipped layers (views: no copies)
         a = self.anatomy
         self._kv_proj = [(layer.qkv_w[a.q_size:], None if layer.qkv_b is None else layer.qkv_b[a.q_size:])
@@ -463,7 +476,8 @@ class SedacEngine:
         x = a.embed(torch.tensor([[token_id]], device=self.device))
         cos = self._cos[pos : pos + 1]
         sin = self._sin[pos : pos + 1]
-        checked = set(heads.layers)
+        checked = self._check_layers
+        reduced_head = self._exit_head
         tau_low = self._tau_low
         estimates: dict[int, float] = {}
         for layer in a.layers:
@@ -472,10 +486,18 @@ class SedacEngine:
             if depth not in checked or depth < self.policy.min_layer:
                 continue
             normed = a.rms_norm(heads.translate(depth, x[:, -1]), a.final_norm_w)
-            est = float(heads.predicted_entropy(depth, normed[0]))
+            reduced = None
+            if reduced_head is not None:  # the entropy over the reduced vocabulary; its argmax is the exit token
+                reduced = reduced_head.logits(normed)[0]
+                est = float(entropy_bits(reduced))
+            else:
+                est = float(heads.predicted_entropy(depth, normed[0]))
             estimates[depth] = est
             if self.policy.decide(depth, est, tau_low) == EXIT and depth < self.num_layers:
-                logits = torch.nn.functional.linear(normed, a.lm_head_w, a.lm_head_b)[0]
+                if reduced is not None:
+                    logits = reduced_head.full_logits(reduced)
+                else:
+                    logits = torch.nn.functional.linear(normed, a.lm_head_w, a.lm_head_b)[0]
                 if self.kv_fill == "oracle":  # reference only: the skipped layers run anyway for their true K/V
                     for rest in a.layers[depth:]:
                         x = a.layer_forward(rest, x, cache, pos, cos, sin)
@@ -595,6 +617,9 @@ class SedacEngine:
         banned = frozenset(self._eos) if req.ignore_eos else frozenset()
         if drafter is not None:
             drafter.begin(prompt_ids, banned)
+        exit_head = self._exit_head if use_exit else None
+        if exit_head is not None:
+            exit_head.begin(prompt_ids, banned)
         t0 = time.perf_counter()
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
         prefill_s = time.perf_counter() - t0
@@ -697,6 +722,8 @@ class SedacEngine:
                 logits, layer_ent = block.logits[row], None
                 cur_exit = self.num_layers
             elif use_exit:
+                if exit_head is not None:
+                    exit_head.observe(next_id)
                 logits, cur_exit, layer_ent = self._forward_exit(next_id, pos)
             else:
                 logits, layer_ent = self._forward([next_id], pos, req.trace)

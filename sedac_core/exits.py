@@ -337,8 +337,11 @@ def refine_translator_kl(w: torch.Tensor, b: torch.Tensor, h: torch.Tensor, fina
     return w.detach(), b.detach()
 
 
-def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048) -> dict[int, dict[str, torch.Tensor]]:
-    """Per exit layer: the exit head's argmax, its real entropy, the probe's predicted entropy, and agreement."""
+def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048, *,
+               decision_vocab: torch.Tensor | None = None) -> dict[int, dict[str, torch.Tensor]]:
+    """Per exit layer: the exit head's argmax ("token"), its real entropy, the exit signal ("predicted") and
+    whether the exit token agrees with the full model. The signal is the probe's estimated entropy, or with
+    `decision_vocab` (the "reduced" signal) the entropy over those ids only, whose argmax is then the exit token."""
     from .entropy import entropy_bits
 
     lm_head, norm_w, eps = _lm_head_parts(bundle)
@@ -350,9 +353,14 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048)
                 t = data.hidden[l][s : s + batch] @ heads.translator_w[l] + heads.translator_b[l]
                 nt = _norm(t, norm_w, eps)
                 logits = nt @ lm_head.T
-                tok.append(logits.argmax(-1))
                 ent.append(entropy_bits(logits))
-                pred.append(nt @ heads.probe_w[l] + heads.probe_b[l])
+                if decision_vocab is None:
+                    tok.append(logits.argmax(-1))
+                    pred.append(nt @ heads.probe_w[l] + heads.probe_b[l])
+                else:
+                    reduced = logits[:, decision_vocab]
+                    tok.append(decision_vocab[reduced.argmax(-1)])
+                    pred.append(entropy_bits(reduced))
             tok_t = torch.cat(tok)
             out[l] = {"token": tok_t, "entropy": torch.cat(ent), "predicted": torch.cat(pred),
                       "agree": (tok_t == data.final_token)}
@@ -411,6 +419,21 @@ def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epoch
     heads.meta.update(report)
     heads.draft_vocab = build_draft_vocab(train.final_token)
     return heads, report
+
+
+def dedup_ids(ids: torch.Tensor) -> torch.Tensor:
+    """Unique ids in first-seen order."""
+    seen: dict[int, None] = dict.fromkeys(ids.tolist())
+    return torch.tensor(list(seen), dtype=torch.int64)
+
+
+def reduced_base_vocab(draft_vocab: torch.Tensor | None, vocab_size: int, size: int) -> torch.Tensor:
+    """The reduced vocabulary's fixed part: the model's own most frequent output tokens (the profile's draft
+    vocabulary), then the rest in id order, `size` ids in all."""
+    own = draft_vocab.to(torch.int64) if draft_vocab is not None else torch.empty(0, dtype=torch.int64)
+    own = own[(own >= 0) & (own < vocab_size)][:size]
+    rest = torch.arange(min(vocab_size, size + len(own)), dtype=torch.int64)
+    return dedup_ids(torch.cat([own, rest]))[:size]
 
 
 def build_draft_vocab(tokens: torch.Tensor) -> torch.Tensor:

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from .config import LosslessSection
 from .entropy import token_stats
+from .exits import dedup_ids as _dedup, reduced_base_vocab
 
 if TYPE_CHECKING:  # the engine imports this module; only type hints point back
     from .engine import SedacEngine
@@ -47,29 +48,83 @@ class Block:
         return len(self.drafts)
 
 
+class ReducedHead:
+    """The LM head restricted to a reduced vocabulary: the model's own most frequent output tokens (from the exit
+    heads' profile), then the rest in id order (BPE ids follow merge order, a rough frequency order of the
+    tokenizer's corpus); per generation, plus the context's tokens (copying from the prompt is common) and every
+    token committed since, less the tokens that may not be emitted. Lossless mode drafts with it; exit mode decides
+    its exits with it (an entropy over a few thousand tokens instead of the whole vocabulary)."""
+
+    def __init__(self, engine: "SedacEngine", size: int) -> None:
+        a = engine.anatomy
+        heads = engine.exit_heads
+        self.anatomy = a
+        self.dtype, self.device = engine.dtype, engine.device
+        self.base_vocab = reduced_base_vocab(heads.draft_vocab if heads is not None else None,
+                                             a.lm_head_w.shape[0], size)
+        self._ids = torch.empty(0, dtype=torch.int64)
+        self._w = torch.empty(a.hidden_size, 0, dtype=engine.dtype, device=engine.device)
+        self._n = 0
+        self._in_vocab: set[int] = set()
+        self._banned: frozenset[int] = frozenset()
+
+    def begin(self, context_ids: list[int], banned: frozenset[int]) -> None:
+        """A new generation: the base vocabulary plus the context's tokens, less the banned ones."""
+        a = self.anatomy
+        extra = [t for t in dict.fromkeys(context_ids) if 0 <= t < a.lm_head_w.shape[0]]
+        ids = torch.cat([self.base_vocab, torch.tensor(extra, dtype=torch.int64)])
+        ids = ids[~torch.isin(ids, torch.tensor(sorted(banned), dtype=torch.int64))] if banned else ids
+        ids = _dedup(ids)
+        n = len(ids)
+        self._ids = torch.empty(n + _SPARE, dtype=torch.int64)
+        self._ids[:n] = ids
+        # input-major [hidden, capacity]: one-row products stream it fastest on CPU (see anatomy._fuse_linears)
+        self._w = torch.empty(a.hidden_size, n + _SPARE, dtype=a.lm_head_w.dtype, device=a.lm_head_w.device)
+        self._w[:, :n] = a.lm_head_w[ids.to(a.lm_head_w.device)].t()
+        self._n = n
+        self._in_vocab = set(ids.tolist())
+        self._banned = banned
+
+    def observe(self, token_id: int) -> None:
+        """A committed token: if the vocabulary lacks it, add it (the text may repeat it)."""
+        if token_id in self._in_vocab or token_id in self._banned or self._n >= self._ids.shape[0]:
+            return
+        a = self.anatomy
+        self._ids[self._n] = token_id
+        self._w[:, self._n] = a.lm_head_w[token_id]
+        self._n += 1
+        self._in_vocab.add(token_id)
+
+    @property
+    def ids(self) -> torch.Tensor:
+        """The token ids of the current vocabulary, in the order of `logits`' columns."""
+        return self._ids[: self._n]
+
+    def logits(self, normed: torch.Tensor) -> torch.Tensor:
+        """[rows, hidden] (after the final norm) -> [rows, n] logits over `ids`."""
+        return torch.mm(normed, self._w[:, : self._n])
+
+    def full_logits(self, reduced: torch.Tensor) -> torch.Tensor:
+        """Reduced logits [n] as a full-vocabulary row: -inf outside the reduced vocabulary."""
+        out = torch.full((self.anatomy.lm_head_w.shape[0],), float("-inf"), dtype=reduced.dtype,
+                         device=reduced.device)
+        out[self.ids.to(reduced.device)] = reduced
+        return out
+
+
 class Drafter:
     """Makes Blocks for one engine (its exit heads, cache and anatomy)."""
 
     def __init__(self, engine: "SedacEngine", settings: LosslessSection) -> None:
         self.engine = engine
         self.settings = settings
-        a = engine.anatomy
-        heads = engine.exit_heads
-        self.num_layers = a.num_layers
+        self.num_layers = engine.anatomy.num_layers
         self.draft_layer = self._pick_layer(settings.draft_layer)
-        # the model's own most frequent output tokens (from the profile), then the rest in id order: BPE ids
-        # follow merge order, a rough frequency order of the tokenizer's corpus
-        full = a.lm_head_w.shape[0]
-        own = heads.draft_vocab if heads is not None and heads.draft_vocab is not None else torch.empty(0)
-        own = own.to(torch.int64)
-        own = own[(own >= 0) & (own < full)][: settings.draft_vocab_size]
-        rest = torch.arange(min(full, settings.draft_vocab_size + len(own)), dtype=torch.int64)
-        self.base_vocab = _dedup(torch.cat([own, rest]))[: settings.draft_vocab_size]
-        self._ids = torch.empty(0, dtype=torch.int64)
-        self._w = torch.empty(a.hidden_size, 0, dtype=engine.dtype, device=engine.device)
-        self._n = 0
-        self._in_vocab: set[int] = set()
-        self._banned: frozenset[int] = frozenset()
+        self.head = ReducedHead(engine, settings.draft_vocab_size)
+
+    @property
+    def base_vocab(self) -> torch.Tensor:
+        return self.head.base_vocab
 
     def _pick_layer(self, wanted: int) -> int:
         heads = self.engine.exit_heads
@@ -90,40 +145,18 @@ class Drafter:
 
     # -- the reduced draft head ------------------------------------------------------------------------------
     def begin(self, context_ids: list[int], banned: frozenset[int]) -> None:
-        """A new generation: the draft vocabulary is the base one plus the tokens of the context (copying from
-        the prompt is common), less the tokens that may not be emitted."""
-        a = self.engine.anatomy
-        extra = [t for t in dict.fromkeys(context_ids) if 0 <= t < a.lm_head_w.shape[0]]
-        ids = torch.cat([self.base_vocab, torch.tensor(extra, dtype=torch.int64)])
-        ids = ids[~torch.isin(ids, torch.tensor(sorted(banned), dtype=torch.int64))] if banned else ids
-        ids = _dedup(ids)
-        n = len(ids)
-        self._ids = torch.empty(n + _SPARE, dtype=torch.int64)
-        self._ids[:n] = ids
-        # input-major [hidden, capacity]: one-row products stream it fastest on CPU (see anatomy._fuse_linears)
-        self._w = torch.empty(a.hidden_size, n + _SPARE, dtype=a.lm_head_w.dtype, device=a.lm_head_w.device)
-        self._w[:, :n] = a.lm_head_w[ids.to(a.lm_head_w.device)].t()
-        self._n = n
-        self._in_vocab = set(ids.tolist())
-        self._banned = banned
+        self.head.begin(context_ids, banned)
 
     def observe(self, token_id: int) -> None:
-        """A committed token: if the draft vocabulary lacks it, add it (the text may repeat it)."""
-        if token_id in self._in_vocab or token_id in self._banned or self._n >= self._ids.shape[0]:
-            return
-        a = self.engine.anatomy
-        self._ids[self._n] = token_id
-        self._w[:, self._n] = a.lm_head_w[token_id]
-        self._n += 1
-        self._in_vocab.add(token_id)
+        self.head.observe(token_id)
 
     def _draft(self, normed: torch.Tensor, temperature: float, generator: torch.Generator | None
                ) -> tuple[int, float, tuple[torch.Tensor, torch.Tensor] | None]:
         """Reduced-head draft from a normalised state [1, hidden]: (token, entropy in bits, distribution)."""
-        logits = torch.mm(normed, self._w[:, : self._n])
+        logits = self.head.logits(normed)
         stats = token_stats(logits)
         entropy = float(stats.entropy_bits[0])
-        ids = self._ids[: self._n]
+        ids = self.head.ids
         if temperature > 0 and generator is not None:
             probs = torch.softmax(logits[0].float() / temperature, dim=-1)
             choice = int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
@@ -196,11 +229,6 @@ class Drafter:
         cache.token_ids[pos:] = inputs
         return block
 
-
-def _dedup(ids: torch.Tensor) -> torch.Tensor:
-    """Unique ids in first-seen order."""
-    seen: dict[int, None] = dict.fromkeys(ids.tolist())
-    return torch.tensor(list(seen), dtype=torch.int64)
 
 
 def accept_sampled(target: torch.Tensor, draft: int, dist: tuple[torch.Tensor, torch.Tensor],

@@ -374,6 +374,8 @@ class _Progress:
                             TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), transient=False)
         self.description = description
         self.task = None
+        self._last_line = time.monotonic()
+        self._last_fraction = 0.0
 
     def __enter__(self) -> "_Progress":
         self.bar.__enter__()
@@ -382,6 +384,11 @@ class _Progress:
 
     def __call__(self, message: str, fraction: float) -> None:
         self.bar.update(self.task, completed=fraction, description=f"{self.description}: {message}")
+        if not self.bar.console.is_terminal:  # a log file gets no live bar: a plain line every 30 s instead
+            now = time.monotonic()
+            if now - self._last_line >= 30 or fraction >= 1.0 > self._last_fraction:
+                self._last_line, self._last_fraction = now, fraction
+                typer.echo(f"{self.description}: {message} ({fraction:.0%})", err=True)
 
     def __exit__(self, *exc: Any) -> None:
         self.bar.__exit__(*exc)
@@ -501,6 +508,9 @@ def calibrate(
     target_agreement: float = typer.Option(0.98, "--target-agreement", help="Agreement with the full model to keep."),
     percentiles: bool = typer.Option(False, "--percentiles", help="Use percentiles (P20/P50/P90) instead."),
     tokens: int = typer.Option(4000, "--tokens", help="Calibration tokens to generate."),
+    signal: str = typer.Option("reduced", "--signal", help="The exit signal: 'reduced' (entropy over the model's "
+                               "4,096 most frequent output tokens; exits pick among them) or 'probe' (a linear "
+                               "estimate of the exit's entropy: cheaper, far less selective)."),
 ) -> None:
     """Re-calibrate tau_low / tau_high for the model's exit heads and save them in its profile."""
     from sedac_core.calibration import calibrate_heads
@@ -512,6 +522,8 @@ def calibrate(
 
     if not 0 < target_agreement <= 1:
         _fail(f"--target-agreement is {target_agreement}; give a fraction in (0, 1], e.g. 0.98")
+    if signal not in ("reduced", "probe"):
+        _fail(f"unknown --signal {signal!r}; use reduced or probe")
     cfg = _load_config(None)
     bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
     source = find_profile(bundle.fingerprint)
@@ -525,11 +537,14 @@ def calibrate(
         texts += load_prompts(prompts)[::-1]  # the shipped set, from its end
     with _Progress("collecting") as bar:
         data = collect_exit_data(bundle, texts, heads.layers, max_tokens=tokens, progress=bar)
-    cal = calibrate_heads(bundle, heads, data, target_agreement=None if percentiles else target_agreement)
+    cal = calibrate_heads(bundle, heads, data, target_agreement=None if percentiles else target_agreement,
+                          signal=signal)
     target = user_profile_dir(bundle.fingerprint)
     heads.save(target)
     typer.echo(f"{cal.method}: tau_low {cal.tau_low}, tau_high {cal.tau_high}, floor {cal.entropy_threshold_min}; "
                f"agreement {cal.agreement:.3f}, skip ratio {cal.skip_ratio:.3f} (oracle {cal.oracle_skip_ratio:.3f})")
+    if cal.check_layers is not None:
+        typer.echo(f"signal {cal.signal}: checking layers {cal.check_layers}")
     typer.echo(f"saved to {target}")
 
 

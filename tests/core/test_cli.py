@@ -56,6 +56,7 @@ def test_ask_text_prints_answer_and_stats(tiny_dir):
         (["replay", "/no/such/session.jsonl"], "session file not found"),
         (["replay", "x.jsonl", "--speed", "0"], "--speed is 0.0"),
         (["bench", "--o1", "--o1-split", "train"], "unknown O1 eval split 'train'"),
+        (["calibrate", "--signal", "vibes"], "unknown --signal 'vibes'; use reduced or probe"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, match):

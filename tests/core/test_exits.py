@@ -271,3 +271,57 @@ def test_cli_train_keeps_collected_data_and_reuses_it(tmp_path, monkeypatch):
         lines = bad.output.strip().splitlines()  # (after the model's loading lines, for the range check)
         assert lines[-1].startswith("error:") and sum("error" in line for line in lines) == 1
         assert "Traceback" not in bad.output
+
+
+def test_reduced_signal_exits_pick_among_the_reduced_vocabulary(trained):
+    """With a "reduced" calibration, the exit signal is the entropy over a few ids (the profile's draft vocabulary
+    plus the prompt's tokens) and an exited token is their argmax: the engine's exits equal a manual computation."""
+    import copy
+
+    from sedac_core.exits import reduced_base_vocab
+    from sedac_core.speculative import ReducedHead
+
+    bundle, _, heads, _ = trained
+    heads = copy.deepcopy(heads)
+    heads.meta["calibration"] = {"tau_low": 0.1, "signal": "reduced", "decision_vocab_size": 24,
+                                 "check_layers": [2]}
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    assert isinstance(engine._exit_head, ReducedHead) and engine._check_layers == {2}
+    engine.set_thresholds(tau_high=30.0)
+    engine.set_thresholds(tau_low=29.0)  # every token exits at layer 2, the only checked layer
+    result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=12, mode="exit", ignore_eos=True))
+    toks = result.token_events
+    assert all(t.exit_layer == 2 and t.decision == "exit" for t in toks[1:])
+    prompt_ids = bundle.chat.encode([{"role": "user", "content": "Hello"}])
+    allowed = set(reduced_base_vocab(heads.draft_vocab, 400, 24).tolist()) | set(prompt_ids)
+    assert all(t.token_id in allowed for t in toks[1:])
+    # the second token, by hand: full-depth prefill gave the first; run layers 1-2 on it, translate, reduced head
+    a = engine.anatomy
+    fresh = SedacEngine(make_bundle("llama", layers=4, seed=11))
+    first = fresh.generate(GenerationRequest(prompt="Hello", max_new_tokens=1, mode="full", ignore_eos=True))
+    assert first.token_ids[0] == toks[0].token_id
+    ids = prompt_ids + [toks[0].token_id]
+    with torch.no_grad():
+        hidden = fresh.bundle.model(torch.tensor([ids]), output_hidden_states=True).hidden_states[2][0, -1]
+        normed = a.rms_norm(heads.translate(2, hidden[None]), a.final_norm_w)
+        vocab = torch.tensor(sorted(allowed | {toks[0].token_id}))
+        want = int(vocab[(normed @ a.lm_head_w[vocab].T).argmax()])
+    assert toks[1].token_id == want
+
+
+def test_calibration_keeps_only_the_layers_whose_exits_pay():
+    from sedac_core.calibration import LM_HEAD_LAYERS, choose_check_layers, exit_rates
+
+    n = 1000
+    # layer 2 almost never confident (its check would cost more than it saves), layer 6 often
+    stats = {2: LayerStats(predicted=torch.where(torch.arange(n) < 5, 0.0, 9.0), agree=torch.arange(n) < 5),
+             6: LayerStats(predicted=torch.where(torch.arange(n) % 2 == 0, 0.0, 9.0),
+                           agree=torch.ones(n, dtype=torch.bool))}
+    rates = exit_rates(stats, tau_low=1.0)
+    assert rates[2] == pytest.approx(0.005) and rates[6] == pytest.approx(0.5, abs=0.01)
+    assert 0.005 * (8 - 2 + LM_HEAD_LAYERS) < 0.8  # the premise: layer 2 does not pay for its check
+    assert choose_check_layers(stats, 8, tau_low=1.0) == [6]
+    cal = calibrate(stats, torch.rand(n) * 5, 8, target_agreement=0.98, prune_checks=True)
+    assert cal.check_layers == [6] and cal.to_meta()["check_layers"] == [6]
+    assert calibrate(stats, torch.rand(n) * 5, 8, target_agreement=0.98).check_layers is None
