@@ -36,7 +36,7 @@ class ModelSection:
 class SedacSection:
     mode: str = "full"
     auto_calibrate: bool = True
-    enable_ghost_kv: bool = False
+    enable_ghost_kv: bool = True
     enable_o1_reasoning: bool = False
     adaptive_threshold: bool = True
     # tau_low: tokens whose exit entropy (bits) is below it may exit early

@@ -201,9 +201,7 @@ class SedacEngine:
         """Ghost KV from the profile, next to the exit heads (else the shipped one); `sedac.enable_ghost_kv` makes
         it the KV fill. Asked for but missing or corrupt: propagation, with a notice."""
         wanted = bool(self.config.sedac.enable_ghost_kv)
-        if self.profile_dir is None:
-            if wanted:
-                self.ghost_notice = "Ghost KV needs exit heads (none loaded); the KV fill stays propagation"
+        if self.profile_dir is None:  # no exit heads: exit mode runs full depth (profile_notice says so), no fill
             return
         a = self.anatomy
         # the user's own (`sedac-chat train --ghost-kv` writes there), then next to the exit heads, then shipped

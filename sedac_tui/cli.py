@@ -474,7 +474,7 @@ def train(
         for fill, err in held_out_summary(report).items():
             typer.echo(f"held-out {fill}: " + ", ".join(f"{k} {v:.4f}" for k, v in err.items()))
         typer.echo(f"Ghost KV rank {ghost.rank}, {ghost.num_parameters():,} parameters, exit layers {layers}; "
-                   f"saved to {target} (use it with sedac.enable_ghost_kv: true, or `g` in the app)")
+                   f"saved to {target} (used in exit mode while sedac.enable_ghost_kv is true, the default; `g` in the app)")
         return
     layers = _parse_layers(layers_opt, bundle.num_layers) if layers_opt else default_exit_layers(bundle.num_layers)
     collected = collect(layers)

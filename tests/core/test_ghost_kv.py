@@ -86,3 +86,23 @@ def test_toggle_and_fill_ghost(setup, monkeypatch, tmp_path):
     res = eng.generate(GenerationRequest(prompt="Hello", max_new_tokens=6, mode="exit", ignore_eos=True))
     assert res.tokens == 6 and res.skip_ratio > 0
     assert bool((eng._cache.fill == FILL_GHOST).any())
+
+
+def test_ghost_kv_is_the_default_fill_where_a_profile_has_one(setup, monkeypatch, tmp_path):
+    """Measured more accurate and cheaper than propagation on the default model, so it is on by default; a model
+    without exit heads gets no Ghost KV notice (exit mode's own notice says it runs full depth)."""
+    from sedac_core.config import SedacConfig
+
+    bundle, heads, ghost, _ = setup
+    heads.save(tmp_path)
+    ghost.save(tmp_path)
+    monkeypatch.setattr("sedac_core.engine.find_profile", lambda fp: tmp_path)
+    monkeypatch.setattr("sedac_core.engine.shipped_profile_dir", lambda fp: None)
+    assert SedacConfig().sedac.enable_ghost_kv is True
+    assert SedacEngine(bundle).kv_fill == "ghost"
+    monkeypatch.setattr("sedac_core.engine.find_profile", lambda fp: None)
+    bare = SedacEngine(bundle)
+    assert bare.kv_fill == "propagate" and bare.ghost_notice == ""
+    res = bare.generate(GenerationRequest(prompt="Hello", max_new_tokens=3, mode="exit"))
+    notices = [e.message for e in res.events if isinstance(e, Notice)]
+    assert len(notices) == 1 and "Ghost" not in notices[0]
