@@ -117,6 +117,9 @@ class LosslessSection:
     # else run the token at full depth and draft it with the reduced head while its entropy stays below this;
     # 0 turns full-depth drafting off (a token that cannot exit then ends the draft)
     full_draft_entropy: float = 1.5
+    # drafts copied from the context: where the last two tokens occurred before, propose up to this many of the
+    # tokens that followed them (prompt lookup), verified in one batched full-depth pass; 0 turns it off
+    lookup_tokens: int = 4
 
     def validate(self) -> None:
         _range("lossless.draft_layer", self.draft_layer, 0, 10_000)
@@ -124,6 +127,7 @@ class LosslessSection:
         _range("lossless.draft_vocab_size", self.draft_vocab_size, 16, 10_000_000)
         _range("lossless.exit_draft_entropy", self.exit_draft_entropy, 0.0, 32.0)
         _range("lossless.full_draft_entropy", self.full_draft_entropy, 0.0, 32.0)
+        _range("lossless.lookup_tokens", self.lookup_tokens, 0, 63)
 
 
 @dataclass

@@ -42,6 +42,7 @@ class Block:
     draft_entropy: list[float] = field(default_factory=list)  # bits, of the draft distribution (nan: no head run)
     # sampling only: each draft's distribution as (token ids, probabilities), for the acceptance rule
     draft_dists: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
+    copied: int = 0  # drafts copied from the context (prompt lookup) rather than drafted by the model
 
     @property
     def rows(self) -> int:
@@ -121,6 +122,8 @@ class Drafter:
         self.num_layers = engine.anatomy.num_layers
         self.draft_layer = self._pick_layer(settings.draft_layer)
         self.head = ReducedHead(engine, settings.draft_vocab_size)
+        self._history: list[int] = []  # the context and every committed token (for drafts copied from it)
+        self._follower: dict[tuple[int, int], int] = {}  # a token pair -> where its latest follower sits
 
     @property
     def base_vocab(self) -> torch.Tensor:
@@ -146,9 +149,37 @@ class Drafter:
     # -- the reduced draft head ------------------------------------------------------------------------------
     def begin(self, context_ids: list[int], banned: frozenset[int]) -> None:
         self.head.begin(context_ids, banned)
+        self._history, self._follower = [], {}
+        for t in context_ids:
+            self._remember(t)
 
     def observe(self, token_id: int) -> None:
         self.head.observe(token_id)
+        self._remember(token_id)
+
+    def _remember(self, token_id: int) -> None:
+        h = self._history
+        if len(h) >= 2:
+            self._follower[(h[-2], h[-1])] = len(h)
+        h.append(int(token_id))
+
+    def lookup(self, limit: int) -> list[int]:
+        """Up to `limit` tokens copied from the context: those that followed the latest earlier occurrence of the
+        last two tokens (prompt lookup), stopping after an EOS or a banned token."""
+        h = self._history
+        if limit < 1 or len(h) < 3:
+            return []
+        j = self._follower.get((h[-2], h[-1]))
+        if j is None:
+            return []
+        out: list[int] = []
+        for t in h[j : j + limit]:
+            if t in self.head._banned:
+                break
+            out.append(t)
+            if t in self.engine._eos:
+                break
+        return out
 
     def _draft(self, normed: torch.Tensor, temperature: float, generator: torch.Generator | None
                ) -> tuple[int, float, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -177,6 +208,9 @@ class Drafter:
         assert e._cos is not None and e._sin is not None
         eos = e._eos
         block = Block(start=pos, logits=torch.empty(0))
+        copied = self.lookup(min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1))
+        if copied and (not self._history or self._history[-1] == token_id):
+            return self._copied_block(block, [token_id, *copied], temperature > 0 and generator is not None)
         states: list[torch.Tensor] = []  # per row: the top layer's output, or layer E's for rows that stopped there
         inputs: list[int] = []
         shallow_from: int | None = None
@@ -226,6 +260,32 @@ class Drafter:
             states[shallow_from:] = list(x[0].unsqueeze(1))
         block.logits = a.logits(torch.cat(states, dim=0))  # [rows, vocab]: one LM-head pass for the round
         cache.length = pos + rows
+        cache.token_ids[pos:] = inputs
+        return block
+
+    def _copied_block(self, block: Block, inputs: list[int], sampling: bool) -> Block:
+        """A round of drafts copied from the context: every row runs at full depth in one batched pass (the
+        weights are read once for all of them), so a copy the full model agrees with costs a fraction of a token."""
+        e = self.engine
+        a = e.anatomy
+        pos, T = block.start, len(inputs)
+        cache = e._cache
+        assert cache is not None and e._cos is not None and e._sin is not None
+        x = a.embed(torch.tensor([inputs], device=e.device))
+        cos, sin = e._cos[pos : pos + T], e._sin[pos : pos + T]
+        for layer in a.layers:
+            x = a.layer_forward(layer, x, cache, pos, cos, sin)
+        block.logits = a.logits(x[0])  # [T, vocab]
+        for r in range(T):
+            draft = inputs[r + 1] if r + 1 < T else None
+            block.drafts.append(draft)
+            block.draft_layers.append(self.num_layers)
+            block.draft_entropy.append(float("nan"))
+            # sampling: a copied draft is a point mass, which the acceptance rule handles like any draft
+            block.draft_dists.append((torch.tensor([draft]), torch.ones(1)) if sampling and draft is not None
+                                     else None)
+        block.copied = T - 1
+        cache.length = pos + T
         cache.token_ids[pos:] = inputs
         return block
 

@@ -39,12 +39,14 @@ SETTINGS = {
     # drafts at the exit layer all the time (noisy heads: many rejections, whole drafts rejected)
     "always-exit": dict(exit_draft_entropy=32.0, full_draft_entropy=0.0, heads_scale=0.5),
     # drafts at full depth over the whole vocabulary: every draft is accepted
-    "full-depth": dict(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400),
+    "full-depth": dict(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=400, lookup_tokens=0),
     # full-depth drafts over a tiny vocabulary: the full model's token is often outside it
     "small-vocab": dict(exit_draft_entropy=0.0, full_draft_entropy=32.0, draft_vocab_size=16),
     # mixed: exits where confident, full depth elsewhere, short drafts
     "mixed": dict(exit_draft_entropy=3.0, full_draft_entropy=4.0, max_draft_tokens=3, heads_scale=0.05),
-    "no-drafts": dict(exit_draft_entropy=0.0, full_draft_entropy=0.0),
+    "no-drafts": dict(exit_draft_entropy=0.0, full_draft_entropy=0.0, lookup_tokens=0),
+    # only drafts copied from the context (prompt lookup), up to 6 at a time
+    "copied": dict(exit_draft_entropy=0.0, full_draft_entropy=0.0, lookup_tokens=6, max_draft_tokens=8),
 }
 
 
@@ -208,3 +210,39 @@ def test_pipeline_api_runs_lossless():
     lossless = pipe("Hello", max_new_tokens=12, mode="lossless", ignore_eos=True)
     assert lossless.mode == "lossless" and lossless.token_ids == full.token_ids
     assert lossless.events[-1].rounds >= 1
+
+
+def test_drafts_copied_from_the_context_are_verified_in_one_pass():
+    """Prompt lookup: after a token pair seen before, the tokens that followed it are proposed at once, run at
+    full depth in one batched pass, and kept while the full model agrees: identical output, fewer passes."""
+    bundle = make_bundle("llama", layers=6, seed=3)
+    with torch.no_grad():  # no layer writes to the residual: the next token is a function of the current one,
+        for layer in bundle.model.model.layers:  # so greedy text soon cycles, and copies from it come true
+            layer.self_attn.o_proj.weight.zero_()
+            layer.mlp.down_proj.weight.zero_()
+    config = SedacConfig()
+    config.lossless = dataclasses.replace(config.lossless, exit_draft_entropy=0.0, full_draft_entropy=0.0,
+                                          lookup_tokens=6, max_draft_tokens=8)
+    engine = SedacEngine(bundle, config)
+    engine.use_exit_heads(make_exit_heads(bundle, [2, 4], scale=0.0), apply_calibration=False)
+    full, lossless = _pair(engine, "Hello", 60, ignore_eos=True)
+    assert lossless.token_ids == full.token_ids
+    end = lossless.events[-1]
+    assert end.accepted > 10 and end.rounds < 50  # rounds that committed several tokens
+    engine.config.lossless = dataclasses.replace(config.lossless, lookup_tokens=0)
+    engine.reset()
+    plain = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=60, mode="lossless", ignore_eos=True))
+    assert plain.events[-1].drafted == 0 and plain.token_ids == full.token_ids
+
+
+def test_lookup_copies_what_followed_the_last_pair():
+    engine = _engine(lookup_tokens=3)
+    drafter = engine._lossless_drafter("lossless", True)
+    drafter.begin([5, 6, 7, 8, 9, 5, 6], frozenset())
+    assert drafter.lookup(3) == [7, 8, 9] and drafter.lookup(1) == [7]
+    drafter.observe(7)  # (6, 7) was followed by 8 earlier
+    assert drafter.lookup(3) == [8, 9, 5]
+    drafter.begin([5, 6, 7, 8, 5, 6], frozenset({8}))  # a banned token ends the copy
+    assert drafter.lookup(3) == [7]
+    drafter.begin([1, 2, 3], frozenset())
+    assert drafter.lookup(3) == []  # the last pair never occurred before
