@@ -161,7 +161,7 @@ class SedacEngine:
         self._select_matmul()  # starts the skinny-matmul kernel's build in the background (first start only)
         self._seen_prompts: list[str] = []  # this session's user messages (re-calibration data)
         self.exit_heads: ExitHeads | None = None
-        self._exit_head: Any = None  # speculative.ReducedHead when the calibration's exit signal is "reduced"
+        self._decision_head: Any = None  # speculative.ReducedHead when the calibration's exit signal is "reduced"
         self._check_layers: frozenset[int] = frozenset()
         # how skipped layers get K/V at an exited position: "propagate" (CALM's state propagation) or "oracle"
         # (run them anyway: no speed-up, the reference that measures what the fill itself costs in quality)
@@ -230,7 +230,7 @@ class SedacEngine:
         """Install (or remove) exit heads; apply their calibrated thresholds when auto_calibrate is on."""
         if heads is None:
             self.exit_heads = None
-            self._exit_head = None
+            self._decision_head = None
             return
         self.exit_heads = heads.to(self.device, self.dtype)
         self.profile_notice = ""
@@ -241,12 +241,12 @@ class SedacEngine:
         # the probe's estimate; and the layers worth checking (calibration drops those whose exits don't pay)
         wanted = cal.get("check_layers")
         self._check_layers = frozenset(int(l) for l in (heads.layers if wanted is None else wanted))
-        self._exit_head = None
+        self._decision_head = None
         if cal.get("signal") == "reduced":
             from .calibration import DECISION_VOCAB_SIZE
             from .speculative import ReducedHead
 
-            self._exit_head = ReducedHead(self, int(cal.get("decision_vocab_size") or DECISION_VOCAB_SIZE))
+            self._decision_head = ReducedHead(self, int(cal.get("decision_vocab_size") or DECISION_VOCAB_SIZE))
         # K/V projections of every layer, for filling skipped layers (views: no copies)
         a = self.anatomy
         self._kv_proj = [(layer.qkv_w[a.q_size:], None if layer.qkv_b is None else layer.qkv_b[a.q_size:])
@@ -475,7 +475,7 @@ class SedacEngine:
         cos = self._cos[pos : pos + 1]
         sin = self._sin[pos : pos + 1]
         checked = self._check_layers
-        reduced_head = self._exit_head
+        reduced_head = self._decision_head
         tau_low = self._tau_low
         estimates: dict[int, float] = {}
         for layer in a.layers:
@@ -615,9 +615,9 @@ class SedacEngine:
         banned = frozenset(self._eos) if req.ignore_eos else frozenset()
         if drafter is not None:
             drafter.begin(prompt_ids, banned)
-        exit_head = self._exit_head if use_exit else None
-        if exit_head is not None:
-            exit_head.begin(prompt_ids, banned)
+        decision_head = self._decision_head if use_exit else None
+        if decision_head is not None:
+            decision_head.begin(prompt_ids, banned)
         t0 = time.perf_counter()
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
         prefill_s = time.perf_counter() - t0
@@ -720,8 +720,8 @@ class SedacEngine:
                 logits, layer_ent = block.logits[row], None
                 cur_exit = self.num_layers
             elif use_exit:
-                if exit_head is not None:
-                    exit_head.observe(next_id)
+                if decision_head is not None:
+                    decision_head.observe(next_id)
                 logits, cur_exit, layer_ent = self._forward_exit(next_id, pos)
             else:
                 logits, layer_ent = self._forward([next_id], pos, req.trace)

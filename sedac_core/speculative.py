@@ -97,6 +97,11 @@ class ReducedHead:
         self._in_vocab.add(token_id)
 
     @property
+    def banned(self) -> frozenset[int]:
+        """The tokens that may not be emitted in this generation."""
+        return self._banned
+
+    @property
     def ids(self) -> torch.Tensor:
         """The token ids of the current vocabulary, in the order of `logits`' columns."""
         return self._ids[: self._n]
@@ -174,7 +179,7 @@ class Drafter:
             return []
         out: list[int] = []
         for t in h[j : j + limit]:
-            if t in self.head._banned:
+            if t in self.head.banned:
                 break
             out.append(t)
             if t in self.engine._eos:

@@ -287,7 +287,7 @@ def test_reduced_signal_exits_pick_among_the_reduced_vocabulary(trained):
                                  "check_layers": [2]}
     engine = SedacEngine(bundle)
     engine.use_exit_heads(heads, apply_calibration=False)
-    assert isinstance(engine._exit_head, ReducedHead) and engine._check_layers == {2}
+    assert isinstance(engine._decision_head, ReducedHead) and engine._check_layers == {2}
     engine.set_thresholds(tau_high=30.0)
     engine.set_thresholds(tau_low=29.0)  # every token exits at layer 2, the only checked layer
     result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=12, mode="exit", ignore_eos=True))
