@@ -168,10 +168,13 @@ class GenerationEnd(Event):
     prefill_s: float = 0.0
     o1_triggers: int = 0
     time: float = 0.0
-    # lossless mode: tokens drafted, drafts the full model accepted, speculation rounds (verification passes)
+    # lossless mode: tokens drafted, drafts the full model accepted, speculation rounds (verification passes);
+    # of the drafts, those copied from the context (prompt lookup) and how many of them were accepted
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
+    copied: int = 0
+    copied_accepted: int = 0
 
 
 @dataclass(frozen=True)

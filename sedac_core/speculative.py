@@ -27,6 +27,7 @@ if TYPE_CHECKING:  # the engine imports this module; only type hints point back
     from .engine import SedacEngine
 
 PROBE_MARGIN = 1.0  # bits: the exit head's probe must estimate an entropy this close to the threshold to try it
+LOOKUP_KEY = 2  # prompt lookup matches this many trailing tokens
 _SPARE = 1024  # room for tokens added to the draft vocabulary during a generation
 
 
@@ -128,7 +129,7 @@ class Drafter:
         self.draft_layer = self._pick_layer(settings.draft_layer)
         self.head = ReducedHead(engine, settings.draft_vocab_size)
         self._history: list[int] = []  # the context and every committed token (for drafts copied from it)
-        self._follower: dict[tuple[int, int], int] = {}  # a token pair -> where its latest follower sits
+        self._follower: dict[tuple[int, ...], int] = {}  # the last LOOKUP_KEY tokens -> where their follower sits
 
     @property
     def base_vocab(self) -> torch.Tensor:
@@ -164,17 +165,17 @@ class Drafter:
 
     def _remember(self, token_id: int) -> None:
         h = self._history
-        if len(h) >= 2:
-            self._follower[(h[-2], h[-1])] = len(h)
+        if len(h) >= LOOKUP_KEY:
+            self._follower[tuple(h[-LOOKUP_KEY:])] = len(h)
         h.append(int(token_id))
 
     def lookup(self, limit: int) -> list[int]:
         """Up to `limit` tokens copied from the context: those that followed the latest earlier occurrence of the
         last two tokens (prompt lookup), stopping after an EOS or a banned token."""
         h = self._history
-        if limit < 1 or len(h) < 3:
+        if limit < 1 or len(h) <= LOOKUP_KEY:
             return []
-        j = self._follower.get((h[-2], h[-1]))
+        j = self._follower.get(tuple(h[-LOOKUP_KEY:]))
         if j is None:
             return []
         out: list[int] = []

@@ -25,3 +25,17 @@ def test_bench_reports_every_mode(tmp_path):
     assert json.loads((tmp_path / "b.json").read_text())["max_new_tokens"] == 10
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert any("vs full" in line for line in lines)
+
+
+def test_bench_reports_lossless_draft_kinds(tmp_path):
+    d = tmp_path / "tiny"
+    make_tiny_model("qwen2", seed=6).save_pretrained(d)
+    make_tokenizer().save_pretrained(d)
+    lines = []
+    report = run_decode_bench(model=str(d), local=True, max_new_tokens=8, n_prompts=1, rounds=1,
+                              modes=["lossless"], echo=lines.append)
+    row = report["modes"]["lossless"]
+    assert row["exact_match"] == 1.0
+    # no exit heads for this model: lossless runs at full depth, nothing drafted, nothing copied
+    assert row["copied_drafts"] == 0 and row["copied_acceptance"] == 0.0 and row["acceptance_rate"] == 0.0
+    assert any("copied from the context" in line for line in lines)

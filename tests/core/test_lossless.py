@@ -229,6 +229,7 @@ def test_drafts_copied_from_the_context_are_verified_in_one_pass():
     assert lossless.token_ids == full.token_ids
     end = lossless.events[-1]
     assert end.accepted > 10 and end.rounds < 50  # rounds that committed several tokens
+    assert end.copied == end.drafted and end.copied_accepted == end.accepted  # only copies in this setting
     engine.config.lossless = dataclasses.replace(config.lossless, lookup_tokens=0)
     engine.reset()
     plain = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=60, mode="lossless", ignore_eos=True))
