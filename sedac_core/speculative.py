@@ -61,7 +61,6 @@ class ReducedHead:
         a = engine.anatomy
         heads = engine.exit_heads
         self.anatomy = a
-        self.dtype, self.device = engine.dtype, engine.device
         self.base_vocab = reduced_base_vocab(heads.draft_vocab if heads is not None else None,
                                              a.lm_head_w.shape[0], size)
         self._ids = torch.empty(0, dtype=torch.int64)
@@ -130,10 +129,6 @@ class Drafter:
         self.head = ReducedHead(engine, settings.draft_vocab_size)
         self._history: list[int] = []  # the context and every committed token (for drafts copied from it)
         self._follower: dict[tuple[int, ...], int] = {}  # the last LOOKUP_KEY tokens -> where their follower sits
-
-    @property
-    def base_vocab(self) -> torch.Tensor:
-        return self.head.base_vocab
 
     def _pick_layer(self, wanted: int) -> int:
         heads = self.engine.exit_heads
@@ -215,7 +210,7 @@ class Drafter:
         eos = e._eos
         block = Block(start=pos, logits=torch.empty(0))
         copied = self.lookup(min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1))
-        if copied and (not self._history or self._history[-1] == token_id):
+        if copied and self._history[-1] == token_id:  # (lookup copies only when the history has tokens)
             return self._copied_block(block, [token_id, *copied], temperature > 0 and generator is not None)
         states: list[torch.Tensor] = []  # per row: the top layer's output, or layer E's for rows that stopped there
         inputs: list[int] = []

@@ -8,10 +8,15 @@ from conftest import make_tiny_model, make_tokenizer
 from sedac_core.bench import run_decode_bench
 
 
-def test_bench_reports_every_mode(tmp_path):
+def _tiny_model_dir(tmp_path, arch: str, seed: int):
     d = tmp_path / "tiny"
-    make_tiny_model("llama", seed=4).save_pretrained(d)
+    make_tiny_model(arch, seed=seed).save_pretrained(d)
     make_tokenizer().save_pretrained(d)
+    return d
+
+
+def test_bench_reports_every_mode(tmp_path):
+    d = _tiny_model_dir(tmp_path, "llama", 4)
     lines = []
     report = run_decode_bench(model=str(d), local=True, max_new_tokens=10, n_prompts=2, rounds=2,
                               modes=["hf", "exit"], json_out=tmp_path / "b.json", plot_out=tmp_path / "b.png",
@@ -28,9 +33,7 @@ def test_bench_reports_every_mode(tmp_path):
 
 
 def test_bench_reports_lossless_draft_kinds(tmp_path):
-    d = tmp_path / "tiny"
-    make_tiny_model("qwen2", seed=6).save_pretrained(d)
-    make_tokenizer().save_pretrained(d)
+    d = _tiny_model_dir(tmp_path, "qwen2", 6)
     lines = []
     report = run_decode_bench(model=str(d), local=True, max_new_tokens=8, n_prompts=1, rounds=1,
                               modes=["lossless"], echo=lines.append)
