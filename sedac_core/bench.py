@@ -115,8 +115,8 @@ def run_decode_bench(
     exact: dict[str, list[bool]] = {m: [] for m in modes}
     agreement: dict[str, list[float]] = {m: [] for m in modes}
     exit_layers: dict[str, list[float]] = {m: [] for m in modes}
-    # (drafted, accepted, rounds, copied, copied accepted)
-    drafts: dict[str, list[tuple[int, int, int, int, int]]] = {m: [] for m in modes}
+    # (drafted, accepted, rounds, copied, copied accepted, own text, own text accepted)
+    drafts: dict[str, list[tuple[int, ...]]] = {m: [] for m in modes}
     for r in range(rounds):
         for prompt in prompts:
             order = ["hf", *modes] if r % 2 == 0 else [*modes, "hf"]
@@ -144,7 +144,8 @@ def run_decode_bench(
                     continue
                 exit_layers[m].append(result.avg_exit_layer)
                 end = result.events[-1]
-                drafts[m].append((end.drafted, end.accepted, end.rounds, end.copied, end.copied_accepted))
+                drafts[m].append((end.drafted, end.accepted, end.rounds, end.copied, end.copied_accepted,
+                                  end.own_text, end.own_text_accepted))
             echo(f"round {r + 1} · {prompt[:40]!r}: " + ", ".join(
                 f"{name} {max_new_tokens / got[name][0]:.1f} tok/s" for name in order))
     n_tokens = max_new_tokens
@@ -178,12 +179,16 @@ def run_decode_bench(
             "skip_ratio": round(1 - statistics.mean(exit_layers[m]) / engine.num_layers, 4),
         }
         if m == "lossless":
-            drafted, accepted, n_rounds, copied, copied_ok = (sum(x[i] for x in drafts[m]) for i in range(5))
+            drafted, accepted, n_rounds, copied, copied_ok, own, own_ok = (sum(x[i] for x in drafts[m])
+                                                                           for i in range(7))
+            layers_drafted, layers_ok = drafted - copied - own, accepted - copied_ok - own_ok
             report["modes"][m].update(
                 acceptance_rate=round(accepted / drafted, 4) if drafted else 0.0,
                 copied_drafts=copied, copied_acceptance=round(copied_ok / copied, 4) if copied else 0.0,
-                model_draft_acceptance=round((accepted - copied_ok) / (drafted - copied), 4)
-                if drafted > copied else 0.0,
+                own_text_drafts=own, own_text_acceptance=round(own_ok / own, 4) if own else 0.0,
+                own_text_accepted=own_ok,
+                model_drafts=layers_drafted,
+                model_draft_acceptance=round(layers_ok / layers_drafted, 4) if layers_drafted else 0.0,
                 avg_draft_len=round(drafted / n_rounds, 3) if n_rounds else 0.0,
                 tokens_per_round=round(n_tokens * len(drafts[m]) / n_rounds, 3) if n_rounds else 0.0,
                 draft_layer=early_exit_layer)
@@ -203,7 +208,9 @@ def run_decode_bench(
             echo(f"{'':<10} drafts at layer {row['draft_layer']}: acceptance {row['acceptance_rate']:.3f}, "
                  f"{row['avg_draft_len']:.2f} drafted and {row['tokens_per_round']:.2f} tokens per verification")
             echo(f"{'':<10} of the drafts, {row['copied_drafts']} copied from the context (acceptance "
-                 f"{row['copied_acceptance']:.3f}); the model's own: acceptance {row['model_draft_acceptance']:.3f}")
+                 f"{row['copied_acceptance']:.3f}), {row['own_text_drafts']} guessed from the model's own text "
+                 f"(acceptance {row['own_text_acceptance']:.3f}), {row['model_drafts']} drafted by the exit heads "
+                 f"(acceptance {row['model_draft_acceptance']:.3f})")
     if report["oracle_skip_ratio"] is not None:
         echo(f"oracle skip ratio with these exit heads: {report['oracle_skip_ratio']:.3f} "
              f"(tau_low {report['tau_low']}, profile {report['profile']})")

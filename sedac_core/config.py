@@ -117,9 +117,11 @@ class LosslessSection:
     # else run the token at full depth and draft it with the reduced head while its entropy stays below this;
     # 0 turns full-depth drafting off (a token that cannot exit then ends the draft)
     full_draft_entropy: float = 1.5
-    # drafts copied from the context: where the last two tokens occurred before, propose up to this many of the
-    # tokens that followed them (prompt lookup), verified in one batched full-depth pass; 0 turns it off
-    lookup_tokens: int = 4
+    # drafts that cost no layers, verified in one batched full-depth pass: where the last two tokens occurred
+    # before, up to this many of the tokens that followed them (prompt lookup), else (own_text) what the model's
+    # own answers to the training prompts continued with; 0 turns both off
+    lookup_tokens: int = 7
+    own_text: bool = True
 
     def validate(self) -> None:
         _range("lossless.draft_layer", self.draft_layer, 0, 10_000)

@@ -611,7 +611,8 @@ class SedacEngine:
             yield self._emit(Notice(message=self.lossless_notice, time=time.time()))
         block: Block | None = None  # the current round; `row` is the row whose logits are being consumed
         row = 0
-        drafted = accepted = rounds = copied = copied_accepted = 0
+        drafted = accepted = rounds = 0
+        looked_up = {"context": [0, 0], "own text": [0, 0]}  # copied drafts by source: [drafted, accepted]
         banned = frozenset(self._eos) if req.ignore_eos else frozenset()
         if drafter is not None:
             drafter.begin(prompt_ids, banned)
@@ -653,7 +654,8 @@ class SedacEngine:
                 if block is not None and draft_state == "accepted":
                     cur_exit = block.draft_layers[row]
                     accepted += 1
-                    copied_accepted += row < block.copied
+                    if row < block.copied:
+                        looked_up[block.source][1] += 1
                 if row_draft is not None and draft_state != "accepted" and block is not None:
                     # the full model disagreed: the draft is shown in the heatmap, never in the text
                     yield self._emit(TokenEvent(
@@ -718,7 +720,8 @@ class SedacEngine:
                     row = 0
                     rounds += 1
                     drafted += sum(d is not None for d in block.drafts)
-                    copied += block.copied
+                    if block.copied:
+                        looked_up[block.source][0] += block.copied
                 logits, layer_ent = block.logits[row], None
                 cur_exit = self.num_layers
             elif use_exit:
@@ -742,7 +745,8 @@ class SedacEngine:
             skip_ratio=1.0 - avg_exit / self.num_layers if n else 0.0, avg_exit_layer=avg_exit,
             stop_reason=stop_reason, text=final_text, elapsed_s=elapsed, prefill_s=prefill_s,
             o1_triggers=o1_budget.triggers, time=time.time(), drafted=drafted, accepted=accepted, rounds=rounds,
-            copied=copied, copied_accepted=copied_accepted,
+            copied=looked_up["context"][0], copied_accepted=looked_up["context"][1],
+            own_text=looked_up["own text"][0], own_text_accepted=looked_up["own text"][1],
         ))
 
     @staticmethod

@@ -169,12 +169,15 @@ class GenerationEnd(Event):
     o1_triggers: int = 0
     time: float = 0.0
     # lossless mode: tokens drafted, drafts the full model accepted, speculation rounds (verification passes);
-    # of the drafts, those copied from the context (prompt lookup) and how many of them were accepted
+    # of the drafts, those copied from the context (prompt lookup) and those guessed from the model's own text
+    # (speculative.Continuations), each with how many were accepted; the rest were drafted by the exit heads
     drafted: int = 0
     accepted: int = 0
     rounds: int = 0
     copied: int = 0
     copied_accepted: int = 0
+    own_text: int = 0
+    own_text_accepted: int = 0
 
 
 @dataclass(frozen=True)

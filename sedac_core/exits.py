@@ -47,6 +47,9 @@ class ExitHeads:
     meta: dict[str, Any] = field(default_factory=dict)
     # token ids the model itself emits, most frequent first (lossless mode drafts over the leading ones)
     draft_vocab: torch.Tensor | None = None
+    # the model's own text: its greedy next token at every position of its answers to the training prompts, one
+    # prompt after another, each ended by -1 (lossless mode drafts continuations from it: speculative.Continuations)
+    draft_text: torch.Tensor | None = None
 
     def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
         return torch.addmm(self.translator_b[layer], h.reshape(-1, h.shape[-1]), self.translator_w[layer]).view_as(h)
@@ -57,7 +60,7 @@ class ExitHeads:
     def to(self, device: Any, dtype: torch.dtype) -> "ExitHeads":
         conv = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
         return ExitHeads(self.layers, self.hidden_size, conv(self.translator_w), conv(self.translator_b),
-                         conv(self.probe_w), dict(self.probe_b), dict(self.meta), self.draft_vocab)
+                         conv(self.probe_w), dict(self.probe_b), dict(self.meta), self.draft_vocab, self.draft_text)
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -72,6 +75,8 @@ class ExitHeads:
             tensors[f"probe.{l}.weight"] = self.probe_w[l].float().contiguous()
         if self.draft_vocab is not None:
             tensors["draft_vocab"] = self.draft_vocab.to(torch.int64).contiguous()
+        if self.draft_text is not None:
+            tensors["draft_text"] = self.draft_text.to(torch.int32).contiguous()
         meta = dict(self.meta)
         meta.update(version=PROFILE_VERSION, layers=self.layers, hidden_size=self.hidden_size,
                     probe_bias={str(l): float(self.probe_b[l]) for l in self.layers})
@@ -79,6 +84,7 @@ class ExitHeads:
         tmp_m = directory / ".exit_heads.json.tmp"
         save_file(tensors, str(tmp_w))
         tmp_m.write_text(json.dumps(meta, indent=2))
+        os.chmod(tmp_w, tmp_m.stat().st_mode & 0o777)  # safetensors writes 0600; as readable as the json
         os.replace(tmp_w, directory / "exit_heads.safetensors")
         os.replace(tmp_m, directory / "exit_heads.json")
 
@@ -103,6 +109,7 @@ class ExitHeads:
                 probe_b={l: float(meta["probe_bias"][str(l)]) for l in layers},
                 meta=meta,
                 draft_vocab=tensors.get("draft_vocab"),
+                draft_text=tensors.get("draft_text"),
             )
             for l in layers:
                 if heads.translator_w[l].shape != (hs, hs) or heads.probe_w[l].shape != (hs,):
@@ -418,6 +425,8 @@ def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epoch
     }
     heads.meta.update(report)
     heads.draft_vocab = build_draft_vocab(train.final_token)
+    heads.draft_text = build_draft_text(data.final_token, data.group)
+    heads.meta["draft_text_tokens"] = len(data)
     return heads, report
 
 
@@ -434,6 +443,14 @@ def reduced_base_vocab(draft_vocab: torch.Tensor | None, vocab_size: int, size: 
     own = own[(own >= 0) & (own < vocab_size)][:size]
     rest = torch.arange(min(vocab_size, size + len(own)), dtype=torch.int64)
     return dedup_ids(torch.cat([own, rest]))[:size]
+
+
+def build_draft_text(tokens: torch.Tensor, groups: torch.Tensor) -> torch.Tensor:
+    """The collected answers as one int32 stream: each prompt's tokens in order, then -1 (its end)."""
+    parts = []
+    for g in torch.unique(groups).tolist():  # a prompt's rows keep their order; its answers run on one another
+        parts += [tokens[groups == g].to(torch.int32), torch.tensor([-1], dtype=torch.int32)]
+    return torch.cat(parts) if parts else torch.empty(0, dtype=torch.int32)
 
 
 def build_draft_vocab(tokens: torch.Tensor) -> torch.Tensor:

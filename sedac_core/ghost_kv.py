@@ -92,6 +92,7 @@ class GhostKV:
         tmp_w, tmp_m = directory / f".{WEIGHTS}.tmp", directory / f".{META}.tmp"
         save_file(tensors, str(tmp_w))
         tmp_m.write_text(json.dumps(meta, indent=2))
+        os.chmod(tmp_w, tmp_m.stat().st_mode & 0o777)  # safetensors writes 0600; as readable as the json
         os.replace(tmp_w, directory / WEIGHTS)
         os.replace(tmp_m, directory / META)
 

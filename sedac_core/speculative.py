@@ -1,15 +1,22 @@
 """Lossless mode's drafter (self-speculative decoding, LayerSkip-style, with SEDAC's entropy-guided draft length).
 
-A round starts from the last committed token. Each drafted row runs the shallow layers (1..E, the draft layer);
-while the exit head's draft distribution there is confident (low entropy) the row stops at E and its draft feeds
-the next row. Otherwise the row runs the remaining layers itself and drafts with a reduced head (the few thousand
-tokens the model itself emits most) while that is confident; an uncertain row ends the round. Then one batched
-pass runs the remaining layers for the rows that stopped at E, continuing from their hidden states and the cache,
-and the full LM head scores every row at once. The engine walks the rows: a draft the full model agrees with is
-kept, and the first disagreement is replaced by the full model's own token, so the output is the full model's.
+A round starts from the last committed token. Where drafts that cost no layers exist, the round proposes them
+and runs them all at full depth in one batched pass: the tokens that followed the last two tokens' earlier
+occurrence in the context (prompt lookup), else what the model's own answers to the training prompts continued
+with (Continuations). On a memory-bound CPU that pass costs about one token for up to a dozen rows (the weights
+are read once), so every guess the full model agrees with is a token nearly for free, and a wrong one costs little.
 
-Every row's input is a real token and every row is computed at every layer by the end of the round, so the cache
-it leaves is exact for those tokens; the engine only rolls back its length past rejected rows."""
+Otherwise the exit heads draft: each row runs the shallow layers (1..E, the draft layer); while the exit head's
+draft distribution there is confident (low entropy) the row stops at E and its draft feeds the next row. Otherwise
+the row runs the remaining layers itself and drafts with a reduced head (the few thousand tokens the model itself
+emits most) while that is confident; an uncertain row ends the round. Then one batched pass runs the remaining
+layers for the rows that stopped at E, continuing from their hidden states and the cache, and the full LM head
+scores every row at once.
+
+Either way the engine walks the rows: a draft the full model agrees with is kept, and the first disagreement is
+replaced by the full model's own token, so the output is the full model's. Every row's input is a real token and
+every row is computed at every layer by the end of the round, so the cache it leaves is exact for those tokens;
+the engine only rolls back its length past rejected rows."""
 
 from __future__ import annotations
 
@@ -21,13 +28,14 @@ import torch.nn.functional as F
 
 from .config import LosslessSection
 from .entropy import token_stats
-from .exits import dedup_ids as _dedup, reduced_base_vocab
+from .exits import ExitHeads, dedup_ids as _dedup, reduced_base_vocab
 
 if TYPE_CHECKING:  # the engine imports this module; only type hints point back
     from .engine import SedacEngine
 
 PROBE_MARGIN = 1.0  # bits: the exit head's probe must estimate an entropy this close to the threshold to try it
 LOOKUP_KEY = 2  # prompt lookup matches this many trailing tokens
+CONTINUATION_KEY = 3  # the model's own text is matched on up to this many trailing tokens (measured: 2-4 alike)
 _SPARE = 1024  # room for tokens added to the draft vocabulary during a generation
 
 
@@ -43,7 +51,8 @@ class Block:
     draft_entropy: list[float] = field(default_factory=list)  # bits, of the draft distribution (nan: no head run)
     # sampling only: each draft's distribution as (token ids, probabilities), for the acceptance rule
     draft_dists: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
-    copied: int = 0  # drafts copied from the context (prompt lookup) rather than drafted by the model
+    copied: int = 0  # drafts copied (from the context or the model's own text) rather than drafted by the layers
+    source: str = ""  # where the copies came from: "context" or "own text"
 
     @property
     def rows(self) -> int:
@@ -118,6 +127,64 @@ class ReducedHead:
         return out
 
 
+class Continuations:
+    """What the model itself wrote next after each short run of tokens, in its own answers to the training prompts
+    (the profile's draft text): for every run of 1..CONTINUATION_KEY tokens there, the token that most often
+    followed (ties: the lower id). A chain of such guesses costs nothing to make, and the batched full-depth pass
+    that checks it costs about one token whatever its length, so every guess the full model agrees with is a token
+    almost for free."""
+
+    def __init__(self, text: torch.Tensor, key: int = CONTINUATION_KEY) -> None:
+        self.key = key
+        counts: dict[tuple[int, ...], dict[int, int]] = {}
+        seq: list[int] = []
+        for t in text.tolist() + [-1]:
+            if t < 0:
+                for i in range(len(seq) - 1):
+                    nxt = seq[i + 1]
+                    for n in range(1, min(key, i + 1) + 1):
+                        c = counts.setdefault(tuple(seq[i - n + 1 : i + 1]), {})
+                        c[nxt] = c.get(nxt, 0) + 1
+                seq = []
+            else:
+                seq.append(t)
+        self.next: dict[tuple[int, ...], int] = {k: min(c, key=lambda t: (-c[t], t)) for k, c in counts.items()}
+
+    def __len__(self) -> int:
+        return len(self.next)
+
+    def chain(self, history: list[int], limit: int, banned: frozenset[int], eos: set[int] | frozenset[int]
+              ) -> list[int]:
+        """Up to `limit` guesses after `history`, each from the longest run of trailing tokens seen in the text;
+        a banned guess ends the chain before it, an EOS after it."""
+        h = history[-self.key :]
+        out: list[int] = []
+        while len(out) < limit:
+            guess = None
+            for n in range(min(self.key, len(h)), 0, -1):
+                guess = self.next.get(tuple(h[-n:]))
+                if guess is not None:
+                    break
+            if guess is None or guess in banned:
+                break
+            out.append(guess)
+            if guess in eos:
+                break
+            h = (h + [guess])[-self.key :]
+        return out
+
+
+def continuations_for(heads: ExitHeads | None) -> Continuations | None:
+    """The heads' draft text as Continuations, built once per heads object (None: the profile has none)."""
+    if heads is None or heads.draft_text is None or heads.draft_text.numel() == 0:
+        return None
+    built = getattr(heads, "_continuations", None)
+    if built is None:
+        built = Continuations(heads.draft_text)
+        heads._continuations = built  # type: ignore[attr-defined]
+    return built
+
+
 class Drafter:
     """Makes Blocks for one engine (its exit heads, cache and anatomy)."""
 
@@ -127,6 +194,7 @@ class Drafter:
         self.num_layers = engine.anatomy.num_layers
         self.draft_layer = self._pick_layer(settings.draft_layer)
         self.head = ReducedHead(engine, settings.draft_vocab_size)
+        self.continuations = continuations_for(engine.exit_heads) if settings.own_text else None
         self._history: list[int] = []  # the context and every committed token (for drafts copied from it)
         self._follower: dict[tuple[int, ...], int] = {}  # the last LOOKUP_KEY tokens -> where their follower sits
 
@@ -164,23 +232,30 @@ class Drafter:
             self._follower[tuple(h[-LOOKUP_KEY:])] = len(h)
         h.append(int(token_id))
 
-    def lookup(self, limit: int) -> list[int]:
-        """Up to `limit` tokens copied from the context: those that followed the latest earlier occurrence of the
-        last two tokens (prompt lookup), stopping after an EOS or a banned token."""
+    def lookup(self, limit: int) -> tuple[list[int], str]:
+        """Up to `limit` drafts that cost no layers, and where they come from: the tokens that followed the latest
+        earlier occurrence of the last two tokens in the context ("context": prompt lookup), else what the model's
+        own text continues with ("own text": see Continuations), else none (""). A banned token ends them before
+        it, an EOS after it."""
         h = self._history
-        if limit < 1 or len(h) <= LOOKUP_KEY:
-            return []
-        j = self._follower.get(tuple(h[-LOOKUP_KEY:]))
-        if j is None:
-            return []
-        out: list[int] = []
-        for t in h[j : j + limit]:
-            if t in self.head.banned:
-                break
-            out.append(t)
-            if t in self.engine._eos:
-                break
-        return out
+        if limit < 1 or not h:
+            return [], ""
+        j = self._follower.get(tuple(h[-LOOKUP_KEY:])) if len(h) > LOOKUP_KEY else None
+        if j is not None:
+            out: list[int] = []
+            for t in h[j : j + limit]:
+                if t in self.head.banned:
+                    break
+                out.append(t)
+                if t in self.engine._eos:
+                    break
+            if out:
+                return out, "context"
+        if self.continuations is not None:
+            out = self.continuations.chain(h, limit, self.head.banned, self.engine._eos)
+            if out:
+                return out, "own text"
+        return [], ""
 
     def _draft(self, normed: torch.Tensor, temperature: float, generator: torch.Generator | None
                ) -> tuple[int, float, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -209,8 +284,9 @@ class Drafter:
         assert e._cos is not None and e._sin is not None
         eos = e._eos
         block = Block(start=pos, logits=torch.empty(0))
-        copied = self.lookup(min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1))
+        copied, source = self.lookup(min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1))
         if copied and self._history[-1] == token_id:  # (lookup copies only when the history has tokens)
+            block.source = source
             return self._copied_block(block, [token_id, *copied], temperature > 0 and generator is not None)
         states: list[torch.Tensor] = []  # per row: the top layer's output, or layer E's for rows that stopped there
         inputs: list[int] = []
@@ -265,8 +341,9 @@ class Drafter:
         return block
 
     def _copied_block(self, block: Block, inputs: list[int], sampling: bool) -> Block:
-        """A round of drafts copied from the context: every row runs at full depth in one batched pass (the
-        weights are read once for all of them), so a copy the full model agrees with costs a fraction of a token."""
+        """A round of drafts that cost no layers (copied from the context or guessed from the model's own text):
+        every row runs at full depth in one batched pass (the weights are read once for all of them), so a guess
+        the full model agrees with costs a fraction of a token."""
         e = self.engine
         a = e.anatomy
         pos, T = block.start, len(inputs)

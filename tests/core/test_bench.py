@@ -41,4 +41,5 @@ def test_bench_reports_lossless_draft_kinds(tmp_path):
     assert row["exact_match"] == 1.0
     # no exit heads for this model: lossless runs at full depth, nothing drafted, nothing copied
     assert row["copied_drafts"] == 0 and row["copied_acceptance"] == 0.0 and row["acceptance_rate"] == 0.0
+    assert row["own_text_drafts"] == 0 and row["model_drafts"] == 0
     assert any("copied from the context" in line for line in lines)

@@ -50,3 +50,23 @@ def test_cli_ask_json_on_the_default_model():
     data = json.loads(proc.stdout)
     assert data["model"] == "SmolLM2-135M-Instruct" and data["num_layers"] == 30
     assert "4" in data["generated_text"]
+
+
+@pytest.mark.parametrize("prompt, n, ignore_eos", [
+    ("Give me three tips for learning to cook.", 100, True),
+    ("What is the capital of Italy?", 64, False),  # ends at its own EOS, inside a round
+    ("Write a haiku about autumn leaves.", 23, True),  # the token limit falls inside a round
+])
+def test_lossless_mode_gives_the_full_models_answer(engine, prompt, n, ignore_eos):
+    """With the shipped profile: exit-head drafts, copies from the context and guesses from the model's own text,
+    all verified at full depth; the answer is full-depth greedy decoding's, token for token."""
+    assert engine.exit_heads is not None and engine.exit_heads.draft_text is not None
+    engine.reset()
+    full = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, mode="full", ignore_eos=ignore_eos))
+    engine.reset()
+    fast = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, mode="lossless",
+                                             ignore_eos=ignore_eos))
+    assert fast.token_ids == full.token_ids and fast.generated_text == full.generated_text
+    assert fast.stop_reason == full.stop_reason
+    end = fast.events[-1]
+    assert end.drafted > 0 and end.rounds < len(full.token_ids)

@@ -58,6 +58,11 @@ def test_training_reduces_held_out_kl(trained):
             assert tuned < lens, l
     stats = exit_stats(heads, test, bundle)
     assert float(stats[3]["agree"].float().mean()) > float(stats[1]["agree"].float().mean())
+    # the draft text: every prompt's answer tokens in order, each ended by -1
+    groups = torch.unique(data.group)
+    assert heads.draft_text.dtype == torch.int32 and len(heads.draft_text) == len(data) + len(groups)
+    first = heads.draft_text[: int((data.group == groups[0]).sum())]
+    assert torch.equal(first.long(), data.final_token[data.group == groups[0]]) and heads.draft_text[-1] == -1
 
 
 def test_profile_round_trip_and_corruption(trained, tmp_path):
@@ -66,6 +71,9 @@ def test_profile_round_trip_and_corruption(trained, tmp_path):
     heads.save(tmp_path / "p")
     again = ExitHeads.load(tmp_path / "p", hidden_size=64)
     assert again.layers == heads.layers and again.meta["calibration"]["tau_low"] == 0.3
+    assert torch.equal(again.draft_text, heads.draft_text) and torch.equal(again.draft_vocab, heads.draft_vocab)
+    mode = lambda name: (tmp_path / "p" / name).stat().st_mode & 0o777  # noqa: E731
+    assert mode("exit_heads.safetensors") == mode("exit_heads.json")  # shareable like the json, not 0600
     for l in heads.layers:
         assert torch.equal(again.translator_w[l], heads.translator_w[l])
         assert again.probe_b[l] == pytest.approx(heads.probe_b[l])

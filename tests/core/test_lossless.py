@@ -13,7 +13,7 @@ from sedac_core.cache import FILL_COMPUTED
 from sedac_core.config import ConfigError, LosslessSection, SedacConfig
 from sedac_core.engine import GenerationRequest, SedacEngine
 from sedac_core.events import GenerationEnd, Notice, TokenEvent
-from sedac_core.speculative import accept_sampled
+from sedac_core.speculative import Continuations, accept_sampled
 
 PROMPTS = ["Hello", "def add(a, b):", "The capital of France is", "Entropy 7"]
 
@@ -240,10 +240,69 @@ def test_lookup_copies_what_followed_the_last_pair():
     engine = _engine(lookup_tokens=3)
     drafter = engine._lossless_drafter("lossless", True)
     drafter.begin([5, 6, 7, 8, 9, 5, 6], frozenset())
-    assert drafter.lookup(3) == [7, 8, 9] and drafter.lookup(1) == [7]
+    assert drafter.lookup(3) == ([7, 8, 9], "context") and drafter.lookup(1) == ([7], "context")
     drafter.observe(7)  # (6, 7) was followed by 8 earlier
-    assert drafter.lookup(3) == [8, 9, 5]
+    assert drafter.lookup(3) == ([8, 9, 5], "context")
     drafter.begin([5, 6, 7, 8, 5, 6], frozenset({8}))  # a banned token ends the copy
-    assert drafter.lookup(3) == [7]
+    assert drafter.lookup(3) == ([7], "context")
     drafter.begin([1, 2, 3], frozenset())
-    assert drafter.lookup(3) == []  # the last pair never occurred before
+    assert drafter.lookup(3) == ([], "")  # the last pair never occurred before (and no own text to guess from)
+
+
+def test_continuations_follow_the_longest_seen_run():
+    text = torch.tensor([1, 2, 3, 4, -1, 9, 2, 3, 5, -1, 7, 3, 6, -1, 7, 3, 6, -1, 8, 3, 5, 8, 3, 5], dtype=torch.int32)
+    c = Continuations(text, key=3)
+    # after (9, 2, 3): 5 (the 3-token run); after (1, 2, 3): 4; after (x, 2, 3): 4 vs 5 tie -> the lower id
+    assert c.chain([9, 2, 3], 1, frozenset(), set()) == [5]
+    assert c.chain([1, 2, 3], 1, frozenset(), set()) == [4]
+    assert c.chain([0, 2, 3], 1, frozenset(), set()) == [4]
+    # after a lone 3: 5 (three times) beats 6 (twice) and 4 (once)
+    assert c.chain([0, 0, 3], 1, frozenset(), set()) == [5]
+    # a chain feeds its guesses back: 8 3 -> 5, then (8, 3, 5) -> 8, (3, 5, 8) -> 3 ...
+    assert c.chain([8, 3], 4, frozenset(), set()) == [5, 8, 3, 5]
+    # answers never run on into the next one: 4 ended its answer, so nothing follows it
+    assert c.chain([3, 4], 3, frozenset(), set()) == []
+    # a banned guess ends the chain before it, an EOS after it
+    assert c.chain([8, 3], 4, frozenset({8}), set()) == [5]
+    assert c.chain([8, 3], 4, frozenset(), {8}) == [5, 8]
+    assert c.chain([], 3, frozenset(), set()) == [] and c.chain([42], 3, frozenset(), set()) == []
+
+
+def _own_text_engine(arch: str, own_text: bool = True) -> SedacEngine:
+    """An engine whose exit heads carry, as their draft text, the model's own greedy answers to other prompts
+    and some unrelated tokens: its guesses are sometimes right and often wrong."""
+    engine = _engine(arch, exit_draft_entropy=0.0, full_draft_entropy=0.0, lookup_tokens=6, own_text=own_text)
+    parts = []
+    for prompt in ("Tell me more", "abc abc abc", "The capital of Spain is"):
+        engine.reset()
+        out = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=40, mode="full", ignore_eos=True))
+        parts += [*out.token_ids, -1]
+    parts += torch.randint(0, 300, (60,), generator=torch.Generator().manual_seed(1)).tolist()
+    engine.exit_heads.draft_text = torch.tensor(parts, dtype=torch.int32)
+    engine.reset()
+    return engine
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_guesses_from_the_models_own_text_keep_the_output_identical(arch):
+    engine = _own_text_engine(arch)
+    for prompt, n in (("Tell me more", 30), ("Hello", 25), ("The capital of France is", 40)):
+        full, lossless = _pair(engine, prompt, n, ignore_eos=True)
+        assert lossless.token_ids == full.token_ids, prompt
+        end = lossless.events[-1]
+        assert end.own_text > 0 and end.copied + end.own_text == end.drafted  # no exit-head drafts here
+        assert end.accepted == sum(t.draft == "accepted" for t in lossless.token_events)
+        if prompt == "Tell me more":  # the text holds this very answer: its guesses come true
+            assert end.own_text_accepted > 10 and end.rounds < n / 2
+    engine.config.lossless = dataclasses.replace(engine.config.lossless, own_text=False)
+    full, lossless = _pair(engine, "Tell me more", 30, ignore_eos=True)
+    assert lossless.token_ids == full.token_ids and lossless.events[-1].own_text == 0
+
+
+def test_profile_without_draft_text_has_no_own_text_guesses():
+    engine = _engine(lookup_tokens=3)
+    assert engine.exit_heads.draft_text is None
+    drafter = engine._lossless_drafter("lossless", True)
+    assert drafter.continuations is None
+
+
