@@ -173,6 +173,35 @@ def test_sampling_in_lossless_mode_is_seeded_and_valid():
     assert a.events[-1].accepted > 0
 
 
+def test_a_guessed_draft_keeps_sampling_distributed_as_the_full_model():
+    """A copied or own-text draft is a point mass: kept with probability p(d), else replaced by a draw from p
+    without d, so the committed token is distributed exactly as p."""
+    target = torch.tensor([0.1, 0.5, 0.15, 0.25])
+    gen = torch.Generator().manual_seed(0)
+    trials = 40_000
+    counts = torch.zeros(4)
+    kept = 0
+    for _ in range(trials):
+        token, accepted = accept_sampled(target, 3, (torch.tensor([3]), torch.ones(1)), gen)
+        counts[token] += 1
+        kept += accepted
+    assert kept / trials == pytest.approx(0.25, abs=0.01)
+    torch.testing.assert_close(counts / trials, target, atol=0.01, rtol=0)
+
+
+def test_sampling_with_own_text_guesses_is_seeded_and_valid():
+    engine = _own_text_engine("llama")
+    req = dict(prompt="Tell me more", max_new_tokens=30, mode="lossless", temperature=0.7, seed=3,
+               ignore_eos=True)
+    engine.reset()
+    a = engine.generate(GenerationRequest(**req))
+    engine.reset()
+    b = engine.generate(GenerationRequest(**req))
+    assert a.token_ids == b.token_ids and len(a.token_ids) == 30
+    end = a.events[-1]
+    assert end.own_text > 0 and end.accepted == sum(t.draft == "accepted" for t in a.token_events)
+
+
 def test_without_exit_heads_lossless_runs_full_depth_with_a_notice(tiny_llama_bundle):
     engine = SedacEngine(tiny_llama_bundle)
     full, lossless = _pair(engine, "Hello", 10, ignore_eos=True)
