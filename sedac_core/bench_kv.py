@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from .errors import ConfigError, SedacError
 from .engine import TAU_GAP, GenerationRequest, SedacEngine
 
-KV_FILLS = ("propagate", "ghost", "oracle")
+KV_FILLS = ("propagate", "ghost", "deferred", "oracle")
 METRICS = ("k_cos", "k_rel_l2", "v_cos", "v_rel_l2")
 
 
@@ -90,7 +90,9 @@ class ReconstructionProbe:
 
     def _step(self, token_id: int, pos: int) -> tuple[torch.Tensor, int, dict[int, float]]:
         logits, depth, estimates = self._inner(token_id, pos)
-        if depth < self.engine.num_layers:
+        if depth < self.engine.num_layers and self.engine.kv_fill == "deferred":
+            self.stats.exited_positions += 1  # the true K/V come later, with the next token: nothing to compare
+        elif depth < self.engine.num_layers:
             self._measure(token_id, pos, depth)
         return logits, depth, estimates
 

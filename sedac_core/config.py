@@ -32,11 +32,17 @@ class ModelSection:
             _range("model.num_hidden_layers", self.num_hidden_layers, 1, 10_000)
 
 
+KV_FILLS = ("deferred", "propagate")
+
+
 @dataclass
 class SedacSection:
     mode: str = "full"
     auto_calibrate: bool = True
-    enable_ghost_kv: bool = True
+    # how an exited token's skipped layers get their K/V: "deferred" (the true K/V, computed with the next
+    # token's pass) or "propagate" (CALM's state propagation); enable_ghost_kv: true puts Ghost KV in their place
+    kv_fill: str = "deferred"
+    enable_ghost_kv: bool = False
     enable_o1_reasoning: bool = False
     adaptive_threshold: bool = True
     # tau_low: tokens whose exit entropy (bits) is below it may exit early
@@ -48,6 +54,7 @@ class SedacSection:
 
     def validate(self) -> None:
         _choice("sedac.mode", self.mode, MODES)
+        _choice("sedac.kv_fill", self.kv_fill, KV_FILLS)
         for name in ("entropy_threshold_base", "entropy_threshold_min", "o1_high_entropy_threshold"):
             _range(f"sedac.{name}", getattr(self, name), 0.0, 32.0)
         if self.entropy_threshold_min > self.entropy_threshold_base:

@@ -41,6 +41,7 @@ TAU_GAP = 0.05  # tau_low stays at least this far below tau_high
 TAU_MAX = 20.0
 MANUAL_SOURCES = ("user", "api")  # threshold changes that pause adaptation: a person's choice wins
 TOP_K_SHOWN = 5
+MAX_PENDING = 8  # deferred KV fill: exited rows that may wait for their upper layers (one pass takes up to 16 rows)
 
 
 @dataclass
@@ -163,10 +164,15 @@ class SedacEngine:
         self.exit_heads: ExitHeads | None = None
         self._decision_head: Any = None  # speculative.ReducedHead when the calibration's exit signal is "reduced"
         self._check_layers: frozenset[int] = frozenset()
-        # how skipped layers get K/V at an exited position: "propagate" (CALM's state propagation) or "oracle"
-        # (run them anyway: no speed-up, the reference that measures what the fill itself costs in quality)
-        # or "ghost" (Ghost KV: a learned predictor, when the profile has one; sedac.enable_ghost_kv selects it)
-        self.kv_fill = "propagate"
+        # how skipped layers get K/V at an exited position (sedac.kv_fill): "deferred" (the true K/V, computed
+        # later: the exited rows ride along with the next token's pass through the layers they skipped, which on a
+        # memory-bound CPU costs little) or "propagate" (CALM's state propagation); or "ghost" (Ghost KV: a learned
+        # predictor, when the profile has one; sedac.enable_ghost_kv selects it); or "oracle" (run them at once:
+        # the reference for what a fill costs in quality, never faster)
+        self.kv_fill = self.config.sedac.kv_fill
+        # deferred fill: exited positions whose upper layers have not run yet, oldest first, as
+        # (position, hidden state [1, 1, H] after `depth` layers, depth); their depths never increase along the list
+        self._pending: list[tuple[int, torch.Tensor, int]] = []
         self.policy = ExitPolicy()
         self.reasoner = Reasoner.from_config(self.config.o1)  # O1 deep reasoning: the config's `o1` section
         self._o1 = bool(self.config.sedac.enable_o1_reasoning)
@@ -213,7 +219,7 @@ class SedacEngine:
                                  num_kv_heads=a.num_kv_heads, head_dim=a.head_dim)
         except ProfileError as exc:
             if wanted:
-                self.ghost_notice = f"{exc}; the skipped layers' K/V are filled by propagation"
+                self.ghost_notice = f"{exc}; the skipped layers' K/V are filled by sedac.kv_fill ({self.kv_fill})"
             return
         self.use_ghost_kv(ghost, select=wanted)
 
@@ -221,7 +227,7 @@ class SedacEngine:
         """Install (or remove) a Ghost KV; with `select`, make it the KV fill."""
         self.ghost_kv = None if ghost is None else ghost.to(self.device, self.dtype)
         if ghost is None and self.kv_fill == "ghost":
-            self.kv_fill = "propagate"
+            self.kv_fill = self.config.sedac.kv_fill
         elif ghost is not None and select:
             self.kv_fill = "ghost"
             self.ghost_notice = ""
@@ -356,7 +362,7 @@ class SedacEngine:
             with self._settings_lock:
                 self._o1 = bool(o1)
         if ghost_kv is not None and (ghost_kv or self.kv_fill == "ghost"):
-            self.kv_fill = "ghost" if ghost_kv else "propagate"
+            self.kv_fill = "ghost" if ghost_kv else self.config.sedac.kv_fill
         return self._publish_mode()
 
     def _publish_mode(self) -> ModeChange:
@@ -399,6 +405,7 @@ class SedacEngine:
         """Forget the cached prefix (the next generation prefills from scratch)."""
         if self._cache is not None:
             self._cache.truncate(0)
+        self._pending = []
 
     # -- generation --------------------------------------------------------------------------------------------
     def generate(self, request: GenerationRequest, cancel: threading.Event | None = None) -> GenerationResult:
@@ -463,6 +470,42 @@ class SedacEngine:
             self._cos, self._sin = a.rope_tables(cache.capacity, self.device, self.dtype)
         return cache
 
+    def _run_with_pending(self, x: torch.Tensor, pos: int, layers: Any, on_layer: Any = None) -> tuple[
+            torch.Tensor, int, int]:
+        """Run `layers` on the rows x (positions start..pos, start = pos for one new token), letting every pending
+        exited row join at the first layer it has not run: rows join in front (they are older), so each layer
+        runs one batch of contiguous positions. `on_layer(depth, x)` may return True to stop after that layer.
+        Returns (x, start, depth reached); rows that joined leave self._pending."""
+        a = self.anatomy
+        cache = self._cache
+        assert cache is not None and self._cos is not None and self._sin is not None
+        start = pos - x.shape[1] + 1
+        depth = layers[0].index if layers else a.num_layers
+        for layer in layers:
+            joining = [q for q in self._pending if q[2] == layer.index]
+            if joining:
+                self._pending = [q for q in self._pending if q[2] != layer.index]
+                x = torch.cat([q[1] for q in joining] + [x], dim=1)
+                start = joining[0][0]
+            x = a.layer_forward(layer, x, cache, start, self._cos[start : pos + 1], self._sin[start : pos + 1])
+            depth = layer.index + 1
+            if on_layer is not None and on_layer(depth, x):
+                break
+        return x, start, depth
+
+    def complete_pending(self) -> None:
+        """Deferred fill: run every pending exited row through the layers it skipped, in one batched pass per
+        layer, so the cache holds the true K/V everywhere (end of a generation, or before O1 reads the cache)."""
+        if not self._pending:
+            return
+        a = self.anatomy
+        first = self._pending[-1]  # the newest: the shallowest
+        pos = first[0]
+        x = first[1]
+        self._pending = self._pending[:-1]
+        self._run_with_pending(x, pos, a.layers[first[2]:])
+        self._pending = []
+
     def _forward_exit(self, token_id: int, pos: int) -> tuple[torch.Tensor, int, dict[int, float]]:
         """One token with early exit: at each checked layer the probe estimates the exit's entropy; the first
         below tau_low exits (one LM head, on the translated state), and the skipped layers' K/V at this position
@@ -478,6 +521,8 @@ class SedacEngine:
         reduced_head = self._decision_head
         tau_low = self._tau_low
         estimates: dict[int, float] = {}
+        if self.kv_fill == "deferred":
+            return self._forward_exit_deferred(token_id, pos)
         for layer in a.layers:
             x = a.layer_forward(layer, x, cache, pos, cos, sin)
             depth = layer.index + 1
@@ -508,6 +553,55 @@ class SedacEngine:
                 return logits, depth, estimates
         cache.length = pos + 1
         cache.token_ids[pos:] = [token_id]
+        return a.logits(x[:, -1])[0], self.num_layers, estimates
+
+    def _exit_estimate(self, depth: int, state: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
+        """The exit signal at a checked layer for one row's state [1, H]: (estimated entropy in bits, the reduced
+        logits when the signal is "reduced", the normalised translated state)."""
+        a = self.anatomy
+        heads = self.exit_heads
+        assert heads is not None
+        normed = a.rms_norm(heads.translate(depth, state), a.final_norm_w)
+        if self._decision_head is not None:  # the entropy over the reduced vocabulary; its argmax is the exit token
+            reduced = self._decision_head.logits(normed)[0]
+            return float(entropy_bits(reduced)), reduced, normed
+        return float(heads.predicted_entropy(depth, normed[0])), None, normed
+
+    def _exit_logits(self, reduced: torch.Tensor | None, normed: torch.Tensor) -> torch.Tensor:
+        a = self.anatomy
+        if reduced is not None:
+            return self._decision_head.full_logits(reduced)
+        return torch.nn.functional.linear(normed, a.lm_head_w, a.lm_head_b)[0]
+
+    def _forward_exit_deferred(self, token_id: int, pos: int) -> tuple[torch.Tensor, int, dict[int, float]]:
+        """Early exit with the deferred fill: as _forward_exit, but an exited token's skipped layers are not
+        filled now; its state waits in self._pending and joins the next token's pass at the first layer it has
+        not run (true K/V, written before any later token reads them). At most MAX_PENDING rows wait: then the
+        token runs full depth, which completes them all."""
+        a = self.anatomy
+        cache = self._cache
+        assert cache is not None
+        checked = self._check_layers if len(self._pending) < MAX_PENDING else frozenset()
+        estimates: dict[int, float] = {}
+        exit_at: list = []
+
+        def check(depth: int, x: torch.Tensor) -> bool:
+            if depth not in checked or depth < self.policy.min_layer or depth >= self.num_layers:
+                return False
+            est, reduced, normed = self._exit_estimate(depth, x[:, -1])
+            estimates[depth] = est
+            if self.policy.decide(depth, est, self._tau_low) == EXIT:
+                exit_at.append(self._exit_logits(reduced, normed))
+                return True
+            return False
+
+        x = a.embed(torch.tensor([[token_id]], device=self.device))
+        x, start, depth = self._run_with_pending(x, pos, a.layers, check)
+        cache.length = pos + 1
+        cache.token_ids[pos:] = [token_id]
+        if exit_at:  # every row of this pass stopped at `depth`: they wait for the layers above it
+            self._pending += [(start + i, x[:, i : i + 1], depth) for i in range(x.shape[1])]
+            return exit_at[0], depth, estimates
         return a.logits(x[:, -1])[0], self.num_layers, estimates
 
     def _fill_ghost(self, x: torch.Tensor, depth: int, pos: int, cos: torch.Tensor, sin: torch.Tensor) -> None:
@@ -573,6 +667,9 @@ class SedacEngine:
         ctx = self.bundle.context_length
         max_new = min(req.max_new_tokens, ctx - len(prompt_ids))
         cache = self._prepare_cache(len(prompt_ids) + max_new)
+        if self._pending:  # left by an interrupted generation: finish the rows the cache still holds
+            self._pending = [q for q in self._pending if q[0] < cache.length]
+            self.complete_pending()
         reuse = cache.common_prefix(prompt_ids)
         reuse = min(reuse, len(prompt_ids) - 1)  # always run at least the last prompt token
         cache.truncate(reuse)
@@ -636,6 +733,8 @@ class SedacEngine:
                     o1_budget, index, float(stats.entropy_bits[0]), float(stats.varentropy[0]), o1_at):
                 cache.truncate(pos)  # O1 rolls out from here: drop the round's later rows first
                 block = None
+            if use_o1 and self._pending:  # O1's rollouts read the cache: it must hold every layer's K/V first
+                self.complete_pending()
             if use_o1:  # O1: think harder at an uncertain position, before committing a token
                 o1 = self.reasoner.maybe_think(
                     self, o1_budget, logits, stats, pos=pos, index=index, generation_id=gid,
@@ -734,6 +833,7 @@ class SedacEngine:
             pos += 1
         if drafter is not None:
             cache.truncate(pos)  # as full decoding leaves it: the last token is not fed yet
+        self.complete_pending()  # deferred fill: the cache holds every layer's K/V for the next turn
         elapsed = time.perf_counter() - t_start
         final_text = self.bundle.tokenizer.decode(token_ids, skip_special_tokens=True)
         if stop_reason == "stop_string":

@@ -308,7 +308,7 @@ def bench(
     json_out: Optional[Path] = typer.Option(None, "--json", help="Also write the results to this JSON file."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Draw the skip-ratio/agreement trade-off to this PNG."),
     kv_fill: Optional[str] = typer.Option(None, "--kv-fill", help="Compare KV fills in exit mode instead, e.g. "
-                                          "propagate,ghost,oracle: agreement, exact match, tok/s vs full, K/V error."),
+                                          "propagate,ghost,deferred,oracle: agreement, exact match, tok/s vs full, K/V error."),
     tau_low: Optional[float] = typer.Option(None, "--tau-low", help="With --kv-fill: exit threshold (bits) to use "
                                             "instead of the calibrated one."),
 ) -> None:
@@ -474,7 +474,7 @@ def train(
         for fill, err in held_out_summary(report).items():
             typer.echo(f"held-out {fill}: " + ", ".join(f"{k} {v:.4f}" for k, v in err.items()))
         typer.echo(f"Ghost KV rank {ghost.rank}, {ghost.num_parameters():,} parameters, exit layers {layers}; "
-                   f"saved to {target} (used in exit mode while sedac.enable_ghost_kv is true, the default; `g` in the app)")
+                   f"saved to {target} (used in exit mode while sedac.enable_ghost_kv is true; `g` in the app)")
         return
     layers = _parse_layers(layers_opt, bundle.num_layers) if layers_opt else default_exit_layers(bundle.num_layers)
     collected = collect(layers)

@@ -55,11 +55,11 @@ def test_kv_error():
 
 def test_reconstruction_per_fill(engine, tmp_path):
     lines: list[str] = []
-    report = run_kv_fill_bench(engine, PROMPTS[:2], ["propagate", "ghost", "oracle"], max_new_tokens=8, rounds=2,
-                               tau_low=19.0, json_out=tmp_path / "kv.json", echo=lines.append)
+    report = run_kv_fill_bench(engine, PROMPTS[:2], ["propagate", "ghost", "deferred", "oracle"], max_new_tokens=8,
+                               rounds=2, tau_low=19.0, json_out=tmp_path / "kv.json", echo=lines.append)
     fills = report["fills"]
     assert json.loads((tmp_path / "kv.json").read_text())["fills"].keys() == fills.keys()
-    assert engine.kv_fill == "propagate"  # restored
+    assert engine.kv_fill == "deferred"  # restored (the default fill)
     for f in fills:
         assert fills[f]["exited_positions"] > 0 and fills[f]["skip_ratio"] > 0
     oracle = fills["oracle"]
@@ -67,6 +67,9 @@ def test_reconstruction_per_fill(engine, tmp_path):
     assert oracle["reconstruction"]["v_rel_l2"] == pytest.approx(0.0, abs=1e-4)
     # the oracle fill leaves the cache exact: its output is full depth's whenever the exit heads agree
     assert oracle["agreement"] >= fills["propagate"]["agreement"] - 1e-9
+    # the deferred fill computes the true K/V too, only later: the oracle's agreement, nothing to reconstruct
+    assert fills["deferred"]["agreement"] == pytest.approx(oracle["agreement"])
+    assert fills["deferred"]["reconstruction"] is None
     for f in ("propagate", "ghost"):
         rec = fills[f]["reconstruction"]
         assert rec["k_rel_l2"] > 0.01 and rec["v_cos"] < 0.999

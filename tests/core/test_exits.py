@@ -114,6 +114,7 @@ def test_exit_mode_that_always_fires_skips_and_fills_the_cache(trained):
     bundle, _, heads, _ = trained
     engine = SedacEngine(bundle)
     engine.use_exit_heads(heads, apply_calibration=False)
+    engine.kv_fill = "propagate"  # (the deferred fill, the default, caps waiting rows: see below)
     engine.set_thresholds(tau_high=20.0)
     engine.set_thresholds(tau_low=19.0)
     result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=20, mode="exit", ignore_eos=True))
@@ -295,6 +296,7 @@ def test_reduced_signal_exits_pick_among_the_reduced_vocabulary(trained):
                                  "check_layers": [2]}
     engine = SedacEngine(bundle)
     engine.use_exit_heads(heads, apply_calibration=False)
+    engine.kv_fill = "propagate"  # every token exits: no full-depth token to complete waiting rows
     assert isinstance(engine._decision_head, ReducedHead) and engine._check_layers == {2}
     engine.set_thresholds(tau_high=30.0)
     engine.set_thresholds(tau_low=29.0)  # every token exits at layer 2, the only checked layer
@@ -333,3 +335,63 @@ def test_calibration_keeps_only_the_layers_whose_exits_pay():
     cal = calibrate(stats, torch.rand(n) * 5, 8, target_agreement=0.98, prune_checks=True)
     assert cal.check_layers == [6] and cal.to_meta()["check_layers"] == [6]
     assert calibrate(stats, torch.rand(n) * 5, 8, target_agreement=0.98).check_layers is None
+
+
+def _exit_run(engine, fill, tau_low, n=24, **kw):
+    engine.kv_fill = fill
+    engine.set_thresholds(tau_high=20.0)
+    engine.set_thresholds(tau_low=tau_low)
+    engine.reset()
+    return engine.generate(GenerationRequest(prompt="Hello there", max_new_tokens=n, mode="exit", ignore_eos=True,
+                                             **kw))
+
+
+@pytest.mark.parametrize("tau_low", [0.0, 2.0, 4.0])  # (19: every check exits; see the MAX_PENDING test)
+def test_deferred_fill_decodes_exactly_as_the_true_kv(trained, tau_low):
+    """The deferred fill runs an exited token's skipped layers later, batched with the next token: the cache
+    ends up with the true K/V, so decoding (tokens and exit layers) is the oracle fill's, and the cache is too."""
+    from sedac_core.cache import FILL_COMPUTED
+
+    bundle, _, heads, _ = trained
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    oracle = _exit_run(engine, "oracle", tau_low)
+    keys = [k.clone() for k in engine._cache.keys]
+    length = engine._cache.length
+    deferred = _exit_run(engine, "deferred", tau_low)
+    assert deferred.token_ids == oracle.token_ids
+    assert [t.exit_layer for t in deferred.token_events] == [t.exit_layer for t in oracle.token_events]
+    cache = engine._cache
+    assert cache.length == length and not engine._pending  # every waiting row was completed at the end
+    assert bool((cache.fill[:, :length] == FILL_COMPUTED).all())
+    for k_oracle, k in zip(keys, cache.keys):
+        torch.testing.assert_close(k[:, :, :length], k_oracle[:, :, :length], atol=1e-5, rtol=1e-5)
+
+
+def test_deferred_fill_makes_at_most_max_pending_rows_wait(trained):
+    from sedac_core.engine import MAX_PENDING
+
+    bundle, _, heads, _ = trained
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    result = _exit_run(engine, "deferred", 19.0, n=30)  # every check says exit
+    layers = [t.exit_layer for t in result.token_events[1:]]
+    # runs of MAX_PENDING exits, then one full-depth token that completes them
+    assert layers[: MAX_PENDING + 1] == [1] * MAX_PENDING + [4]
+    assert max(len(run) for run in "".join("e" if l == 1 else "f" for l in layers).split("f")) == MAX_PENDING
+    assert result.skip_ratio > 0.5
+    # the next turn reuses the prefix: the cache is exact, so a full-depth answer is a fresh engine's
+    follow = engine.generate(GenerationRequest(prompt="Hello there", max_new_tokens=12, mode="full",
+                                               ignore_eos=True))
+    fresh = SedacEngine(make_bundle("llama", layers=4, seed=11)).generate(
+        GenerationRequest(prompt="Hello there", max_new_tokens=12, mode="full", ignore_eos=True))
+    assert follow.token_ids == fresh.token_ids
+
+
+def test_deferred_fill_with_o1_matches_the_true_kv(trained):
+    bundle, _, heads, _ = trained
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    oracle = _exit_run(engine, "oracle", 2.0, o1=True)
+    deferred = _exit_run(engine, "deferred", 2.0, o1=True)
+    assert deferred.token_ids == oracle.token_ids

@@ -61,7 +61,7 @@ def _engine(bundle, heads, monkeypatch, tmp_path, ghost=None, corrupt=False):
     monkeypatch.setattr("sedac_core.engine.shipped_profile_dir", lambda fp: None)
     eng = SedacEngine(bundle)
     eng.config.sedac.enable_ghost_kv = True
-    eng.kv_fill = "propagate"
+    eng.config.sedac.kv_fill = eng.kv_fill = "propagate"
     eng.ghost_kv = None
     eng._load_ghost_kv()
     eng.set_thresholds(tau_low=19.0, tau_high=19.9)  # exits fire
@@ -74,7 +74,7 @@ def test_fallback_with_notice(setup, monkeypatch, tmp_path, corrupt):
     eng = _engine(bundle, heads, monkeypatch, tmp_path, ghost=None if not corrupt else ghost, corrupt=corrupt)
     assert eng.kv_fill == "propagate" and not eng.features["ghost_kv"]
     res = eng.generate(GenerationRequest(prompt="Hello", max_new_tokens=4, mode="exit"))
-    assert any(isinstance(e, Notice) and "propagation" in e.message for e in res.events)
+    assert any(isinstance(e, Notice) and "sedac.kv_fill (propagate)" in e.message for e in res.events)
 
 
 def test_toggle_and_fill_ghost(setup, monkeypatch, tmp_path):
@@ -88,9 +88,11 @@ def test_toggle_and_fill_ghost(setup, monkeypatch, tmp_path):
     assert bool((eng._cache.fill == FILL_GHOST).any())
 
 
-def test_ghost_kv_is_the_default_fill_where_a_profile_has_one(setup, monkeypatch, tmp_path):
-    """Measured more accurate and cheaper than propagation on the default model, so it is on by default; a model
-    without exit heads gets no Ghost KV notice (exit mode's own notice says it runs full depth)."""
+def test_deferred_fill_is_the_default_and_ghost_kv_is_opt_in(setup, monkeypatch, tmp_path):
+    """The deferred fill (the true K/V, computed with the next token) measured more accurate than Ghost KV at the
+    same speed on the default model, so it is the default; enable_ghost_kv: true selects Ghost KV where a
+    profile has one. A model without exit heads gets no Ghost KV notice (exit mode's own notice says it runs
+    full depth)."""
     from sedac_core.config import SedacConfig
 
     bundle, heads, ghost, _ = setup
@@ -98,11 +100,17 @@ def test_ghost_kv_is_the_default_fill_where_a_profile_has_one(setup, monkeypatch
     ghost.save(tmp_path)
     monkeypatch.setattr("sedac_core.engine.find_profile", lambda fp: tmp_path)
     monkeypatch.setattr("sedac_core.engine.shipped_profile_dir", lambda fp: None)
-    assert SedacConfig().sedac.enable_ghost_kv is True
-    assert SedacEngine(bundle).kv_fill == "ghost"
+    assert SedacConfig().sedac.enable_ghost_kv is False and SedacConfig().sedac.kv_fill == "deferred"
+    eng = SedacEngine(bundle)
+    assert eng.kv_fill == "deferred" and eng.features["ghost_kv"]  # loaded, not selected
+    assert eng.set_features(ghost_kv=True).enable_ghost_kv and eng.kv_fill == "ghost"
+    assert not eng.set_features(ghost_kv=False).enable_ghost_kv and eng.kv_fill == "deferred"
+    config = SedacConfig()
+    config.sedac.enable_ghost_kv = True
+    assert SedacEngine(bundle, config).kv_fill == "ghost"
     monkeypatch.setattr("sedac_core.engine.find_profile", lambda fp: None)
-    bare = SedacEngine(bundle)
-    assert bare.kv_fill == "propagate" and bare.ghost_notice == ""
+    bare = SedacEngine(bundle, config)
+    assert bare.kv_fill == "deferred" and bare.ghost_notice == ""
     res = bare.generate(GenerationRequest(prompt="Hello", max_new_tokens=3, mode="exit"))
     notices = [e.message for e in res.events if isinstance(e, Notice)]
     assert len(notices) == 1 and "Ghost" not in notices[0]
