@@ -161,15 +161,20 @@ def test_acceptance_rule_samples_the_target_distribution():
     assert kept / trials == pytest.approx(0.6, abs=0.015)
 
 
-def test_sampling_in_lossless_mode_is_seeded_and_valid():
-    engine = _engine(exit_draft_entropy=3.0, full_draft_entropy=32.0, draft_vocab_size=400)
-    req = dict(prompt="Hello", max_new_tokens=30, mode="lossless", temperature=0.8, top_p=0.9, seed=5,
-               ignore_eos=True)
+def _sampled_twice(engine, prompt: str, **sampling):
+    """The same seeded lossless request twice on a fresh cache: both answers must be the same 30 tokens."""
+    req = dict(prompt=prompt, max_new_tokens=30, mode="lossless", ignore_eos=True, **sampling)
     engine.reset()
     a = engine.generate(GenerationRequest(**req))
     engine.reset()
     b = engine.generate(GenerationRequest(**req))
     assert a.token_ids == b.token_ids and len(a.token_ids) == 30
+    return a
+
+
+def test_sampling_in_lossless_mode_is_seeded_and_valid():
+    engine = _engine(exit_draft_entropy=3.0, full_draft_entropy=32.0, draft_vocab_size=400)
+    a = _sampled_twice(engine, "Hello", temperature=0.8, top_p=0.9, seed=5)
     assert a.events[-1].accepted > 0
 
 
@@ -190,14 +195,7 @@ def test_a_guessed_draft_keeps_sampling_distributed_as_the_full_model():
 
 
 def test_sampling_with_own_text_guesses_is_seeded_and_valid():
-    engine = _own_text_engine("llama")
-    req = dict(prompt="Tell me more", max_new_tokens=30, mode="lossless", temperature=0.7, seed=3,
-               ignore_eos=True)
-    engine.reset()
-    a = engine.generate(GenerationRequest(**req))
-    engine.reset()
-    b = engine.generate(GenerationRequest(**req))
-    assert a.token_ids == b.token_ids and len(a.token_ids) == 30
+    a = _sampled_twice(_own_text_engine("llama"), "Tell me more", temperature=0.7, seed=3)
     end = a.events[-1]
     assert end.own_text > 0 and end.accepted == sum(t.draft == "accepted" for t in a.token_events)
 
