@@ -507,9 +507,9 @@ class SedacEngine:
         self._pending = []
 
     def _forward_exit(self, token_id: int, pos: int) -> tuple[torch.Tensor, int, dict[int, float]]:
-        """One token with early exit: at each checked layer the probe estimates the exit's entropy; the first
-        below tau_low exits (one LM head, on the translated state), and the skipped layers' K/V at this position
-        are filled by propagating the exit hidden state through their norms and K/V projections."""
+        """One token with early exit: at each checked layer the exit signal estimates the exit's entropy
+        (_exit_estimate); the first below tau_low exits, and the skipped layers' K/V at this position are filled
+        by the KV fill: propagation, Ghost KV, the oracle's full run, or (deferred) later, with the next token."""
         a = self.anatomy
         heads = self.exit_heads
         cache = self._cache
@@ -518,7 +518,6 @@ class SedacEngine:
         cos = self._cos[pos : pos + 1]
         sin = self._sin[pos : pos + 1]
         checked = self._check_layers
-        reduced_head = self._decision_head
         tau_low = self._tau_low
         estimates: dict[int, float] = {}
         if self.kv_fill == "deferred":
@@ -528,19 +527,10 @@ class SedacEngine:
             depth = layer.index + 1
             if depth not in checked or depth < self.policy.min_layer:
                 continue
-            normed = a.rms_norm(heads.translate(depth, x[:, -1]), a.final_norm_w)
-            reduced = None
-            if reduced_head is not None:  # the entropy over the reduced vocabulary; its argmax is the exit token
-                reduced = reduced_head.logits(normed)[0]
-                est = float(entropy_bits(reduced))
-            else:
-                est = float(heads.predicted_entropy(depth, normed[0]))
+            est, reduced, normed = self._exit_estimate(depth, x[:, -1])
             estimates[depth] = est
             if self.policy.decide(depth, est, tau_low) == EXIT and depth < self.num_layers:
-                if reduced is not None:
-                    logits = reduced_head.full_logits(reduced)
-                else:
-                    logits = torch.nn.functional.linear(normed, a.lm_head_w, a.lm_head_b)[0]
+                logits = self._exit_logits(reduced, normed)
                 if self.kv_fill == "oracle":  # reference only: the skipped layers run anyway for their true K/V
                     for rest in a.layers[depth:]:
                         x = a.layer_forward(rest, x, cache, pos, cos, sin)
@@ -561,7 +551,7 @@ class SedacEngine:
         a = self.anatomy
         heads = self.exit_heads
         assert heads is not None
-        normed = a.rms_norm(heads.translate(depth, state), a.final_norm_w)
+        normed = a.rms_norm(heads.translate(depth, state, a.linear), a.final_norm_w)
         if self._decision_head is not None:  # the entropy over the reduced vocabulary; its argmax is the exit token
             reduced = self._decision_head.logits(normed)[0]
             return float(entropy_bits(reduced)), reduced, normed

@@ -51,7 +51,12 @@ class ExitHeads:
     # prompt after another, each ended by -1 (lossless mode drafts continuations from it: speculative.Continuations)
     draft_text: torch.Tensor | None = None
 
-    def translate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+    def translate(self, layer: int, h: torch.Tensor, linear: Callable[..., torch.Tensor] | None = None
+                  ) -> torch.Tensor:
+        """h @ W + b. `linear` (F.linear's signature; the engine passes its matmul, e.g. the skinny-matmul
+        kernel, which takes the input-major W as W.t()) replaces torch's addmm."""
+        if linear is not None:
+            return linear(h, self.translator_w[layer].t(), self.translator_b[layer])
         return torch.addmm(self.translator_b[layer], h.reshape(-1, h.shape[-1]), self.translator_w[layer]).view_as(h)
 
     def predicted_entropy(self, layer: int, normed_t: torch.Tensor) -> torch.Tensor:

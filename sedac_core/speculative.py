@@ -36,7 +36,7 @@ if TYPE_CHECKING:  # the engine imports this module; only type hints point back
 PROBE_MARGIN = 1.0  # bits: the exit head's probe must estimate an entropy this close to the threshold to try it
 LOOKUP_KEY = 2  # prompt lookup matches this many trailing tokens
 CONTINUATION_KEY = 3  # the model's own text is matched on up to this many trailing tokens (measured: 2-4 alike)
-_SPARE = 1024  # room for tokens added to the draft vocabulary during a generation
+_SPARE = 256  # room for tokens added to the draft vocabulary during a generation (every product reads it too)
 
 
 @dataclass
@@ -89,7 +89,7 @@ class ReducedHead:
         self._ids = torch.empty(n + _SPARE, dtype=torch.int64)
         self._ids[:n] = ids
         # input-major [hidden, capacity]: one-row products stream it fastest on CPU (see anatomy._fuse_linears)
-        self._w = torch.empty(a.hidden_size, n + _SPARE, dtype=a.lm_head_w.dtype, device=a.lm_head_w.device)
+        self._w = torch.zeros(a.hidden_size, n + _SPARE, dtype=a.lm_head_w.dtype, device=a.lm_head_w.device)
         self._w[:, :n] = a.lm_head_w[ids.to(a.lm_head_w.device)].t()
         self._n = n
         self._in_vocab = set(ids.tolist())
@@ -116,8 +116,10 @@ class ReducedHead:
         return self._ids[: self._n]
 
     def logits(self, normed: torch.Tensor) -> torch.Tensor:
-        """[rows, hidden] (after the final norm) -> [rows, n] logits over `ids`."""
-        return torch.mm(normed, self._w[:, : self._n])
+        """[rows, hidden] (after the final norm) -> [rows, n] logits over `ids`. The product runs over the whole
+        buffer (spare columns included) with the engine's matmul: a slice of it would not be contiguous, and
+        torch's product on a strided weight reads it at half the speed of the skinny-matmul kernel."""
+        return self.anatomy.linear(normed, self._w.t())[:, : self._n]
 
     def full_logits(self, reduced: torch.Tensor) -> torch.Tensor:
         """Reduced logits [n] as a full-vocabulary row: -inf outside the reduced vocabulary."""
@@ -301,7 +303,7 @@ class Drafter:
             inputs.append(tok)
             draft, entropy, dist, depth = None, float("nan"), None, L
             if E < L and heads is not None:
-                normed = a.rms_norm(heads.translate(E, x[:, -1]), a.final_norm_w)
+                normed = a.rms_norm(heads.translate(E, x[:, -1], a.linear), a.final_norm_w)
                 if shallow_from is not None or float(heads.predicted_entropy(E, normed[0])) < (
                         s.exit_draft_entropy + PROBE_MARGIN):
                     cand, entropy, cand_dist = self._draft(normed, temperature, generator)
