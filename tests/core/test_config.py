@@ -57,6 +57,8 @@ def test_round_trip(tmp_path):
         ("generation:\n  top_p: 0\n", "'generation.top_p' is 0.0, out of range"),
         ("sedac: [1, 2]\n", "section 'sedac' must be a mapping"),
         ("sedac:\n  mode: turbo\n", "'sedac.mode' is 'turbo'"),
+        ("sedac:\n  kv_fill: ghost\n", "'sedac.kv_fill' is 'ghost'; choose one of: deferred, propagate"),
+        ("lossless:\n  own_text: 2\n", "'lossless.own_text' must be true or false"),
         ("sedac: {bad\n", "not valid YAML"),
     ],
 )
