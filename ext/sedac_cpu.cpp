@@ -12,6 +12,7 @@
 #include <tuple>
 #include <vector>
 
+#include "isa_common.h"
 #include "stats_cpu_kernel.h"
 
 SEDAC_DECLARE_CHUNK_KERNELS(DEFAULT)
@@ -24,11 +25,6 @@ SEDAC_DECLARE_CHUNK_KERNELS(AVX512)
 
 namespace sedac {
 namespace {
-
-// instruction-set codes shared with sedac_core/kernels.py
-constexpr int64_t kIsaDefault = 0;
-constexpr int64_t kIsaAvx2 = 1;
-constexpr int64_t kIsaAvx512 = 2;
 
 using F32Fn = Partial (*)(const float*, int64_t, int64_t);
 using U16Fn = Partial (*)(const uint16_t*, int64_t, int64_t);
@@ -56,17 +52,6 @@ KernelSet kernels_for(int64_t isa) {
     default:
       TORCH_CHECK(false, "sedac_cpu.token_stats: instruction set ", isa, " was not compiled into this build");
   }
-}
-
-std::vector<int64_t> compiled_isas() {
-  std::vector<int64_t> out{kIsaDefault};
-#ifdef SEDAC_HAVE_AVX2
-  out.push_back(kIsaAvx2);
-#endif
-#ifdef SEDAC_HAVE_AVX512
-  out.push_back(kIsaAvx512);
-#endif
-  return out;
 }
 
 constexpr int64_t kMinChunk = 8192;   // elements; below this a split costs more than it saves

@@ -14,6 +14,7 @@
 #include <optional>
 #include <vector>
 
+#include "isa_common.h"
 #include "skinny_gemm_kernel.h"
 
 SEDAC_DECLARE_GEMM_KERNELS(DEFAULT)
@@ -27,11 +28,6 @@ SEDAC_DECLARE_GEMM_KERNELS(AVX512)
 namespace sedac {
 namespace gemm {
 namespace {
-
-// instruction-set codes shared with sedac_core/kernels.py
-constexpr int64_t kIsaDefault = 0;
-constexpr int64_t kIsaAvx2 = 1;
-constexpr int64_t kIsaAvx512 = 2;
 
 constexpr int64_t kMaxRows = 16;           // rows the kernel takes; torch's GEMM is efficient beyond
 constexpr int64_t kTaskCols = 64;          // columns per parallel task: a multiple of every ISA's vector width
@@ -67,17 +63,6 @@ KernelSet kernels_for(int64_t isa) {
     default:
       TORCH_CHECK(false, "sedac_gemm.linear_rows: instruction set ", isa, " was not compiled into this build");
   }
-}
-
-std::vector<int64_t> compiled_isas() {
-  std::vector<int64_t> out{kIsaDefault};
-#ifdef SEDAC_HAVE_AVX2
-  out.push_back(kIsaAvx2);
-#endif
-#ifdef SEDAC_HAVE_AVX512
-  out.push_back(kIsaAvx512);
-#endif
-  return out;
 }
 
 // The kernel proper: x [M, K] fp32 contiguous, w [K, N] contiguous (fp32, bf16 or fp16), bias [N] fp32 or none.
@@ -174,7 +159,7 @@ TORCH_LIBRARY(sedac_gemm, m) {
   m.def("linear(Tensor x, Tensor weight, Tensor? bias, int isa) -> Tensor", &sedac::gemm::linear);
   m.def("applies(Tensor x, Tensor weight, Tensor? bias) -> bool", &sedac::gemm::applies);
   m.def("max_rows() -> int", [] { return sedac::gemm::kMaxRows; });
-  m.def("compiled_isas() -> int[]", &sedac::gemm::compiled_isas);
+  m.def("compiled_isas() -> int[]", &sedac::compiled_isas);
 }
 
 TORCH_LIBRARY_IMPL(sedac_gemm, CPU, m) { m.impl("linear_rows", &sedac::gemm::linear_rows_cpu); }

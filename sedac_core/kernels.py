@@ -32,7 +32,7 @@ ISA_FLAGS = {
     "AVX2": ["-mavx2", "-mfma", "-mf16c"],
     "AVX512": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mavx2", "-mf16c"],
 }
-CPU_SOURCES = ("sedac_cpu.cpp", "stats_cpu_kernel.cpp", "stats_cpu_kernel.h", "stats_common.h",
+CPU_SOURCES = ("sedac_cpu.cpp", "isa_common.h", "stats_cpu_kernel.cpp", "stats_cpu_kernel.h", "stats_common.h",
                "stats_cpu_default.cpp", "stats_cpu_avx2.cpp", "stats_cpu_avx512.cpp")
 CUDA_SOURCES = ("sedac_cuda.cpp", "stats_cuda_kernel.cu", "stats_cuda_kernel.h", "stats_common.h")
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)

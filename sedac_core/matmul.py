@@ -24,7 +24,7 @@ log = logging.getLogger("sedac.kernels")
 
 MAX_ROWS = 16  # rows the kernel takes (kMaxRows in ext/skinny_gemm.cpp); more go to torch, efficient there
 FORCE_TORCH_ENV = "SEDAC_MATMUL_TORCH"  # set to 1 to keep every matmul on torch
-GEMM_SOURCES = ("skinny_gemm.cpp", "skinny_gemm_kernel.cpp", "skinny_gemm_kernel.h",
+GEMM_SOURCES = ("skinny_gemm.cpp", "isa_common.h", "skinny_gemm_kernel.cpp", "skinny_gemm_kernel.h",
                 "skinny_gemm_default.cpp", "skinny_gemm_avx2.cpp", "skinny_gemm_avx512.cpp")
 
 GemmFn = Callable[..., torch.Tensor]  # (x, weight, bias=None) -> F.linear(x, weight, bias)
