@@ -261,8 +261,11 @@ def test_cli_train_keeps_collected_data_and_reuses_it(tmp_path, monkeypatch):
     first = runner.invoke(app, args)
     assert first.exit_code == 0, first.output
     assert data.exists() and "reusing" not in first.output
-    meta = ExitHeads.load(tmp_path / "out").meta["training"]
+    profile = ExitHeads.load(tmp_path / "out")
+    meta = profile.meta["training"]
     assert meta["samples_per_prompt"] == 1 and meta["tokens"] >= 200
+    # the collected answers are lossless mode's draft text: every token, plus one end mark per prompt
+    assert profile.draft_text is not None and len(profile.draft_text) > meta["tokens"]
     second = runner.invoke(app, args)
     assert second.exit_code == 0 and f"reusing {meta['tokens']} collected tokens" in second.output
     # fewer exit layers than were collected: reused too
