@@ -23,6 +23,9 @@ from .kernels import EXT_DIR, ISA_CODES, BuildResult, KernelManager
 log = logging.getLogger("sedac.kernels")
 
 MAX_ROWS = 16  # rows the kernel takes (kMaxRows in ext/skinny_gemm.cpp); more go to torch, efficient there
+# a build already on disk loads in ~0.1 s: wait up to this long for it instead of a first generation on torch's
+# matmuls (several rows at once, as lossless mode verifies, cost torch 2-6x one row)
+CACHED_LOAD_WAIT_S = 30.0
 FORCE_TORCH_ENV = "SEDAC_MATMUL_TORCH"  # set to 1 to keep every matmul on torch
 GEMM_SOURCES = ("skinny_gemm.cpp", "isa_common.h", "skinny_gemm_kernel.cpp", "skinny_gemm_kernel.h",
                 "skinny_gemm_default.cpp", "skinny_gemm_avx2.cpp", "skinny_gemm_avx512.cpp")
@@ -144,6 +147,14 @@ class GemmKernel:
             thread.join(timeout)
         return self.ready()
 
+    def cached(self) -> bool:
+        """Whether a build of these sources with this compiler is already on disk: loading it takes a fraction of
+        a second (measured 0.13 s), so a caller may wait for it rather than run a generation on torch's."""
+        if not self.enabled or self._result is not None:
+            return False
+        d = self.build_dir()
+        return d.is_dir() and any(d.glob("sedac_gemm_*.so"))
+
     def ready(self) -> bool:
         """Whether the kernel is built, loaded and enabled, without building or waiting for it."""
         return self.enabled and self._result is not None and self._result.ok
@@ -192,11 +203,12 @@ def matmul_status(build: bool = True) -> tuple[bool, str]:
 
 def matmul_linear(wait: bool = False) -> GemmFn:
     """What a model's matmuls should call now: `linear_rows` when the kernel is ready, else `F.linear`. Without
-    `wait` this never blocks: it starts the build in the background (first call) and answers F.linear until the
-    build is done, so a caller that asks again later (the engine does, per generation) picks the kernel up."""
+    `wait` this blocks only to load a build already on disk (a fraction of a second); otherwise it starts the build
+    in the background (first call) and answers F.linear until the build is done, so a caller that asks again later
+    (the engine does, per generation) picks the kernel up."""
     if wait:
         return linear_rows if GEMM.runner() is not None else F.linear
-    if GEMM.ready():
+    if GEMM.ready() or (GEMM.cached() and GEMM.wait(timeout=CACHED_LOAD_WAIT_S)):
         GEMM.runner()  # sets the hot path
         return linear_rows
     GEMM.build_in_background()

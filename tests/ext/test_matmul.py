@@ -290,3 +290,13 @@ def test_engine_uses_torch_until_the_background_build_is_done(monkeypatch, tmp_p
     eng = _engine(True)
     eng.generate(GenerationRequest(prompt="Hello", max_new_tokens=3))
     assert started and eng.anatomy.linear is F.linear  # never waited for the build, asked for it
+
+
+def test_a_build_on_disk_is_loaded_before_the_first_generation(gemm, monkeypatch, tmp_path):
+    """Without wait, matmul_linear() still loads a build that is already on disk (a fraction of a second), so a
+    one-shot `ask` does not run its only generation on torch's matmuls; with nothing on disk it does not block."""
+    fresh = GemmKernel()  # the session's sources and cache dir (built by conftest), not loaded by this object
+    assert fresh.cached() and not fresh.ready()
+    monkeypatch.setattr(matmul, "GEMM", fresh)
+    assert matmul.matmul_linear() is linear_rows and fresh.ready()
+    assert GemmKernel(cache_root=tmp_path).cached() is False
