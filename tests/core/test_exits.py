@@ -349,13 +349,24 @@ def _exit_run(engine, fill, tau_low, n=24, **kw):
                                              **kw))
 
 
-@pytest.mark.parametrize("tau_low", [0.0, 2.0, 4.0])  # (19: every check exits; see the MAX_PENDING test)
-def test_deferred_fill_decodes_exactly_as_the_true_kv(trained, tau_low):
+@pytest.fixture(scope="module")
+def trained_qwen2():
+    bundle = make_bundle("qwen2", layers=4, seed=5)
+    data = collect_exit_data(bundle, PROMPTS, [1, 2, 3], max_new_tokens=24, batch_size=8)
+    heads, report = train_exit_heads(bundle, data, [1, 2, 3])
+    return bundle, data, heads, report
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+# tau_low 6.5 mixes exits at every checked layer with full-depth tokens on both tiny models (their untrained
+# vocabulary of 400 keeps entropies high); 0: no exits; (much higher, every check exits: the MAX_PENDING test)
+@pytest.mark.parametrize("tau_low", [0.0, 6.5])
+def test_deferred_fill_decodes_exactly_as_the_true_kv(request, arch, tau_low):
     """The deferred fill runs an exited token's skipped layers later, batched with the next token: the cache
     ends up with the true K/V, so decoding (tokens and exit layers) is the oracle fill's, and the cache is too."""
     from sedac_core.cache import FILL_COMPUTED
 
-    bundle, _, heads, _ = trained
+    bundle, _, heads, _ = request.getfixturevalue("trained" if arch == "llama" else "trained_qwen2")
     engine = SedacEngine(bundle)
     engine.use_exit_heads(heads, apply_calibration=False)
     oracle = _exit_run(engine, "oracle", tau_low)
@@ -363,7 +374,10 @@ def test_deferred_fill_decodes_exactly_as_the_true_kv(trained, tau_low):
     length = engine._cache.length
     deferred = _exit_run(engine, "deferred", tau_low)
     assert deferred.token_ids == oracle.token_ids
-    assert [t.exit_layer for t in deferred.token_events] == [t.exit_layer for t in oracle.token_events]
+    layers = [t.exit_layer for t in deferred.token_events]
+    assert layers == [t.exit_layer for t in oracle.token_events]
+    if tau_low > 0:  # exits at more than one layer, and full-depth tokens between them
+        assert len(set(layers) - {4}) >= 2 and layers[1:].count(4) >= 3
     cache = engine._cache
     assert cache.length == length and not engine._pending  # every waiting row was completed at the end
     assert bool((cache.fill[:, :length] == FILL_COMPUTED).all())
@@ -395,6 +409,16 @@ def test_deferred_fill_with_o1_matches_the_true_kv(trained):
     bundle, _, heads, _ = trained
     engine = SedacEngine(bundle)
     engine.use_exit_heads(heads, apply_calibration=False)
-    oracle = _exit_run(engine, "oracle", 2.0, o1=True)
-    deferred = _exit_run(engine, "deferred", 2.0, o1=True)
+    runs = {}
+    for fill in ("oracle", "deferred"):
+        engine.kv_fill = fill
+        engine.set_thresholds(tau_high=20.0)
+        engine.set_thresholds(tau_low=6.5)
+        engine.set_thresholds(tau_high=7.0)  # O1 where the final entropy is above this: some positions
+        engine.reset()
+        runs[fill] = engine.generate(GenerationRequest(prompt="Hello there", max_new_tokens=24, mode="exit",
+                                                       ignore_eos=True, o1=True))
+    oracle, deferred = runs["oracle"], runs["deferred"]
     assert deferred.token_ids == oracle.token_ids
+    assert any(t.decision == "exit" for t in deferred.token_events)
+    assert deferred.events[-1].o1_triggers > 0
