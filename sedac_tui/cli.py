@@ -326,7 +326,7 @@ def bench(
             Console().print(table)
         return
     if tau_low is not None:
-        _fail("--tau-low only applies to the KV-fill bench; add --kv-fill propagate,ghost,oracle")
+        _fail("--tau-low only applies to the KV-fill bench; add --kv-fill propagate,ghost,deferred,oracle")
     if o1:
         from sedac_core.engine import SedacEngine
         from sedac_core.models import load_model
