@@ -146,3 +146,48 @@ async def test_resume_adaptive_is_refused_when_the_config_turns_it_off(tiny_llam
         assert any("off in the config (sedac.adaptive_threshold)" in n.message for n in app._notifications)
         notes = {desc: note for _, desc, note in app.help_rows()}
         assert notes["Resume adaptive thresholds"] == "off in the config (sedac.adaptive_threshold)"
+
+
+async def test_exit_mode_in_the_app_keeps_a_conversation_on_the_true_kv():
+    """Exit mode with the deferred KV fill over two turns in the app: tokens exit, at most MAX_PENDING wait for
+    their upper layers, and the second turn, which reuses the first turn's cache, answers as a fresh engine does
+    that prefills the whole conversation (so the reused K/V were the true ones)."""
+    from conftest import make_bundle, make_exit_heads
+    from sedac_core.engine import MAX_PENDING, GenerationRequest, SedacEngine
+
+    bundle = make_bundle("llama", layers=6, seed=3)
+    config = SedacConfig()
+    config.sedac.mode = "exit"
+    config.sedac.adaptive_threshold = False
+    config.generation.max_new_tokens = 20
+    engines = []
+
+    def factory(bus, progress):
+        engine = SedacEngine(bundle, config, bus)
+        engine.use_exit_heads(make_exit_heads(bundle, [2, 4]), apply_calibration=False)  # every check exits
+        engines.append(engine)
+        return engine
+
+    app = SedacChatApp(config=config, engine_factory=factory, cursor_blink=False)
+    async with app.run_test(size=(120, 40)) as pilot:
+        await ready(pilot)
+        assert app.engine.kv_fill == "deferred"
+        for prompt in ("Hello", "Tell me more"):
+            await send(pilot, prompt)
+            await idle(pilot)
+        layers = [t.exit_layer for t in app.state.tokens]
+        answers = [b.source for b in app.query(AssistantBubble)]
+    assert 2 in layers and 6 in layers  # exits at layer 2, and full-depth tokens that complete the waiting rows
+    assert max(len(run) for run in "".join("e" if l == 2 else "f" for l in layers).split("f")) <= MAX_PENDING
+    assert not engines[0]._pending  # every turn ends with the cache complete
+    # the same conversation on fresh engines: the second one prefills the first turn at full depth
+    fresh = SedacEngine(bundle, config)
+    fresh.use_exit_heads(make_exit_heads(bundle, [2, 4]), apply_calibration=False)
+    first = fresh.generate(GenerationRequest(prompt="Hello", max_new_tokens=20))
+    assert first.generated_text == answers[0]
+    fresh = SedacEngine(bundle, config)
+    fresh.use_exit_heads(make_exit_heads(bundle, [2, 4]), apply_calibration=False)
+    second = fresh.generate(GenerationRequest(messages=[
+        {"role": "user", "content": "Hello"}, {"role": "assistant", "content": answers[0]},
+        {"role": "user", "content": "Tell me more"}], max_new_tokens=20))
+    assert second.generated_text == answers[1]
