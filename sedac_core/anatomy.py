@@ -213,9 +213,11 @@ class Anatomy:
         return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
 
     def layer_forward(self, layer: Layer, x: torch.Tensor, cache: Any, start: int,
-                      cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        """Run one decoder layer on the new tokens x [B, T, hidden] at positions start..start+T-1, writing their
-        K/V into the cache and attending over the cache's positions 0..start+T-1."""
+                      cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run one decoder layer on the new tokens x [B, T, hidden] in cache slots start..start+T-1, writing their
+        K/V into the cache and attending over the cache's slots 0..start+T-1: causally, or as `mask` [T, start+T]
+        (bool, True: may attend) says, e.g. a tree of drafts whose rows see only their ancestors (cos/sin then
+        carry each row's own position; layers with a sliding window take no mask)."""
         B, T, _ = x.shape
         q, k, v = self.project_kv(layer, x, cos, sin)
         end = start + T
@@ -225,7 +227,10 @@ class Anatomy:
             lo = max(0, start + 1 - layer.window) if T == 1 else 0
         keys = keys[:, :, lo:end]
         values = values[:, :, lo:end]
-        if T == 1:
+        if mask is not None:
+            attn = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling,
+                                                  enable_gqa=True)
+        elif T == 1:
             attn = F.scaled_dot_product_attention(q, keys, values, scale=self.scaling, enable_gqa=True)
         elif start == 0 and layer.window is None:
             attn = F.scaled_dot_product_attention(q, keys, values, is_causal=True, scale=self.scaling,

@@ -127,7 +127,7 @@ class LosslessSection:
     # drafts that cost no layers, verified in one batched full-depth pass: where the last two tokens occurred
     # before, up to this many of the tokens that followed them (prompt lookup), else (own_text) what the model's
     # own answers to the training prompts continued with; 0 turns both off
-    lookup_tokens: int = 7
+    lookup_tokens: int = 4
     own_text: bool = True
 
     def validate(self) -> None:

@@ -808,9 +808,9 @@ class SedacEngine:
                                             generator=generator)
                     row = 0
                     rounds += 1
-                    drafted += sum(d is not None for d in block.drafts)
-                    if block.copied:
-                        looked_up[block.source][0] += block.copied
+                    drafted += block.guesses or sum(d is not None for d in block.drafts)
+                    if block.copied or block.guesses:
+                        looked_up[block.source][0] += block.guesses or block.copied
                 logits, layer_ent = block.logits[row], None
                 cur_exit = self.num_layers
             elif use_exit:

@@ -36,6 +36,8 @@ if TYPE_CHECKING:  # the engine imports this module; only type hints point back
 PROBE_MARGIN = 1.0  # bits: the exit head's probe must estimate an entropy this close to the threshold to try it
 LOOKUP_KEY = 2  # prompt lookup matches this many trailing tokens
 CONTINUATION_KEY = 3  # the model's own text is matched on up to this many trailing tokens (measured: 2-4 alike)
+TREE_BRANCHES = 3  # greedy own-text rounds also try the 2nd and 3rd most frequent next tokens, as side branches
+TREE_SIDE_TOKENS = 2  # of this many guesses each (a pass over ~12 rows costs about what one row costs)
 _SPARE = 256  # room for tokens added to the draft vocabulary during a generation (every product reads it too)
 
 
@@ -53,6 +55,7 @@ class Block:
     draft_dists: list[tuple[torch.Tensor, torch.Tensor] | None] = field(default_factory=list)
     copied: int = 0  # drafts copied (from the context or the model's own text) rather than drafted by the layers
     source: str = ""  # where the copies came from: "context" or "own text"
+    guesses: int = 0  # a tree round: every guess checked, side branches included (0: a linear round)
 
     @property
     def rows(self) -> int:
@@ -150,10 +153,22 @@ class Continuations:
                 seq = []
             else:
                 seq.append(t)
-        self.next: dict[tuple[int, ...], int] = {k: min(c, key=lambda t: (-c[t], t)) for k, c in counts.items()}
+        # per run: the followers most frequent first (ties: the lower id), at most TREE_BRANCHES of them
+        self.options: dict[tuple[int, ...], tuple[int, ...]] = {
+            k: tuple(sorted(c, key=lambda t: (-c[t], t))[:TREE_BRANCHES]) for k, c in counts.items()}
+        self.next: dict[tuple[int, ...], int] = {k: o[0] for k, o in self.options.items()}
 
     def __len__(self) -> int:
         return len(self.next)
+
+    def first_options(self, history: list[int], banned: frozenset[int]) -> list[int]:
+        """The followers of the longest run of trailing tokens seen in the text, most frequent first."""
+        h = history[-self.key :]
+        for n in range(min(self.key, len(h)), 0, -1):
+            options = self.options.get(tuple(h[-n:]))
+            if options is not None:
+                return [t for t in options if t not in banned]
+        return []
 
     def chain(self, history: list[int], limit: int, banned: frozenset[int], eos: set[int] | frozenset[int]
               ) -> list[int]:
@@ -197,6 +212,8 @@ class Drafter:
         self.draft_layer = self._pick_layer(settings.draft_layer)
         self.head = ReducedHead(engine, settings.draft_vocab_size)
         self.continuations = continuations_for(engine.exit_heads) if settings.own_text else None
+        # a tree of guesses needs attention masks that layers with a sliding window do not take
+        self._tree_ok = all(layer.window is None for layer in engine.anatomy.layers)
         self._history: list[int] = []  # the context and every committed token (for drafts copied from it)
         self._follower: dict[tuple[int, ...], int] = {}  # the last LOOKUP_KEY tokens -> where their follower sits
 
@@ -289,7 +306,14 @@ class Drafter:
         copied, source = self.lookup(min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1))
         if copied and self._history[-1] == token_id:  # (lookup copies only when the history has tokens)
             block.source = source
-            return self._copied_block(block, [token_id, *copied], temperature > 0 and generator is not None)
+            sampling = temperature > 0 and generator is not None
+            if source == "own text" and not sampling and self._tree_ok:
+                branches = self._side_branches(copied)
+                rows = 1 + sum(len(b) for b in branches)
+                if len(branches) > 1 and pos + rows <= e.bundle.context_length:
+                    e._prepare_cache(pos + rows)
+                    return self._tree_block(block, token_id, branches)
+            return self._copied_block(block, [token_id, *copied], sampling)
         states: list[torch.Tensor] = []  # per row: the top layer's output, or layer E's for rows that stopped there
         inputs: list[int] = []
         shallow_from: int | None = None
@@ -340,6 +364,82 @@ class Drafter:
         block.logits = a.logits(torch.cat(states, dim=0))  # [rows, vocab]: one LM-head pass for the round
         cache.length = pos + rows
         cache.token_ids[pos:] = inputs
+        return block
+
+    def _side_branches(self, main: list[int]) -> list[list[int]]:
+        """The own-text chain `main`, plus short chains from the next most frequent first guesses."""
+        c = self.continuations
+        assert c is not None
+        banned, eos = self.head.banned, self.engine._eos
+        limit = min(TREE_SIDE_TOKENS, len(main))
+        branches = [main]
+        for first in c.first_options(self._history, banned):
+            if first == main[0]:
+                continue
+            rest = [] if first in eos else c.chain([*self._history, first], limit - 1, banned, eos)
+            branches.append([first, *rest])
+        return branches[:TREE_BRANCHES]
+
+    def _tree_block(self, block: Block, root: int, branches: list[list[int]]) -> Block:
+        """Greedy rounds: several chains of guesses from one root, checked in one batched full-depth pass as a
+        tree (each row attends to the cache and its own ancestors only, at its own depth's position). The path
+        the full model agrees with is then moved to the slots right after the root, so the cache and the Block
+        are those of a linear round that guessed just that path."""
+        e = self.engine
+        a = e.anatomy
+        pos = block.start
+        cache = e._cache
+        assert cache is not None and e._cos is not None and e._sin is not None
+        tokens, parent, depth = [root], [-1], [0]
+        for branch in branches:
+            up = 0
+            for d, t in enumerate(branch, 1):
+                tokens.append(t)
+                parent.append(up)
+                depth.append(d)
+                up = len(tokens) - 1
+        T = len(tokens)
+        tree = torch.zeros(T, T, dtype=torch.bool)
+        for i in range(T):
+            j = i
+            while j >= 0:
+                tree[i, j] = True
+                j = parent[j]
+        mask = torch.cat([torch.ones(T, pos, dtype=torch.bool), tree], dim=1).to(e.device)
+        at = torch.tensor(depth, device=e.device) + pos
+        cos, sin = e._cos[at], e._sin[at]
+        x = a.embed(torch.tensor([tokens], device=e.device))
+        for layer in a.layers:
+            x = a.layer_forward(layer, x, cache, pos, cos, sin, mask=mask)
+        logits = a.logits(x[0])  # [T, vocab]
+        # the full model's greedy path through the tree (as the engine will choose: banned tokens never)
+        choice = logits
+        if self.head.banned:
+            choice = logits.clone()
+            choice[:, sorted(self.head.banned)] = float("-inf")
+        best = choice.argmax(dim=-1).tolist()
+        path = [0]
+        while True:
+            child = next((i for i in range(T) if parent[i] == path[-1] and tokens[i] == best[path[-1]]), None)
+            if child is None:
+                break
+            path.append(child)
+        n = len(path)
+        idx = torch.tensor(path, device=e.device) + pos
+        for layer in range(a.num_layers):  # the path's K/V to slots pos..pos+n-1 (sources never lie below them)
+            cache.keys[layer][:, :, pos : pos + n] = cache.keys[layer][:, :, idx]
+            cache.values[layer][:, :, pos : pos + n] = cache.values[layer][:, :, idx]
+        block.states = x[0][path]
+        block.logits = logits[path]
+        for r in range(n):
+            block.drafts.append(tokens[path[r + 1]] if r + 1 < n else None)
+            block.draft_layers.append(self.num_layers)
+            block.draft_entropy.append(float("nan"))
+            block.draft_dists.append(None)
+        block.copied = n - 1
+        block.guesses = T - 1
+        cache.length = pos + n
+        cache.token_ids[pos:] = [tokens[i] for i in path]
         return block
 
     def _copied_block(self, block: Block, inputs: list[int], sampling: bool) -> Block:

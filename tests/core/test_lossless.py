@@ -333,3 +333,37 @@ def test_profile_without_draft_text_has_no_own_text_guesses():
     assert drafter.continuations is None
 
 
+
+
+def test_continuations_offer_the_next_most_frequent_first_guesses():
+    text = torch.tensor([5, 1, -1, 5, 2, -1, 5, 2, -1, 5, 3, -1, 5, 3, -1, 5, 3, -1, 5, 4, -1, 9, 5, 7], dtype=torch.int32)
+    c = Continuations(text, key=3)
+    assert c.first_options([0, 5], frozenset()) == [3, 2, 1]  # most frequent first, ties by id, at most three
+    assert c.first_options([9, 5], frozenset()) == [7]  # the longest matching run decides
+    assert c.first_options([0, 5], frozenset({3})) == [2, 1] and c.first_options([0, 8], frozenset()) == []
+
+
+def test_a_tree_round_keeps_the_side_branch_the_full_model_agrees_with():
+    """Greedy own-text rounds check side branches (the 2nd and 3rd most frequent first guesses) in the same pass,
+    as a tree. Here the most frequent guess is always wrong and the second always right: every round keeps a
+    side-branch token, the output is full decoding's, and the cache holds exactly what full decoding leaves."""
+    engine = _engine("llama", exit_draft_entropy=0.0, full_draft_entropy=0.0, lookup_tokens=4)
+    prompt, n = "The capital of France is", 30
+    engine.reset()
+    full = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, mode="full", ignore_eos=True))
+    want = engine._cache
+    snapshot = (want.length, list(want.token_ids), [k[:, :, : want.length].clone() for k in want.keys])
+    y = engine.bundle.chat.encode([{"role": "user", "content": prompt}]) + full.token_ids
+    text = list(y) + [-1]  # the true continuations, once
+    for i in range(3, len(y)):  # a wrong follower of every run of 1-3 tokens, twice
+        text += [*y[i - 3 : i], (y[i] + 1) % 400, -1] * 2
+    engine.exit_heads.draft_text = torch.tensor(text, dtype=torch.int32)
+    engine.reset()
+    lossless = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=n, mode="lossless", ignore_eos=True))
+    assert lossless.token_ids == full.token_ids
+    end = lossless.events[-1]
+    assert end.own_text_accepted >= n // 3 and end.rounds <= n * 2 // 3  # side branches were kept
+    got = engine._cache
+    assert got.length == snapshot[0] and got.token_ids == snapshot[1]
+    for layer in range(got.num_layers):
+        torch.testing.assert_close(got.keys[layer][:, :, : got.length], snapshot[2][layer], rtol=1e-4, atol=1e-5)
