@@ -3,8 +3,10 @@
 A round starts from the last committed token. Where drafts that cost no layers exist, the round proposes them
 and runs them all at full depth in one batched pass: the tokens that followed the last two tokens' earlier
 occurrence in the context (prompt lookup), else what the model's own answers to the training prompts continued
-with (Continuations). On a memory-bound CPU that pass costs about one token for up to a dozen rows (the weights
-are read once), so every guess the full model agrees with is a token nearly for free, and a wrong one costs little.
+with (Continuations); greedy rounds of own-text guesses also try the next most frequent first guesses as side
+branches, checked in the same pass as a tree. On a memory-bound CPU that pass costs about one token for up to a
+dozen rows (the weights are read once), so every guess the full model agrees with is a token nearly for free, and
+a wrong one costs little.
 
 Otherwise the exit heads draft: each row runs the shallow layers (1..E, the draft layer); while the exit head's
 draft distribution there is confident (low entropy) the row stops at E and its draft feeds the next row. Otherwise
