@@ -218,6 +218,7 @@ class Drafter:
         self._tree_ok = all(layer.window is None for layer in engine.anatomy.layers)
         self._history: list[int] = []  # the context and every committed token (for drafts copied from it)
         self._follower: dict[tuple[int, ...], int] = {}  # the last LOOKUP_KEY tokens -> where their follower sits
+        self._follower1: dict[int, int] = {}  # a token -> where the token after its latest occurrence sits
 
     def _pick_layer(self, wanted: int) -> int:
         heads = self.engine.exit_heads
@@ -239,7 +240,7 @@ class Drafter:
     # -- the reduced draft head ------------------------------------------------------------------------------
     def begin(self, context_ids: list[int], banned: frozenset[int]) -> None:
         self.head.begin(context_ids, banned)
-        self._history, self._follower = [], {}
+        self._history, self._follower, self._follower1 = [], {}, {}
         for t in context_ids:
             self._remember(t)
 
@@ -251,6 +252,8 @@ class Drafter:
         h = self._history
         if len(h) >= LOOKUP_KEY:
             self._follower[tuple(h[-LOOKUP_KEY:])] = len(h)
+        if h:
+            self._follower1[h[-1]] = len(h)
         h.append(int(token_id))
 
     def lookup(self, limit: int) -> tuple[list[int], str]:
@@ -305,12 +308,13 @@ class Drafter:
         assert e._cos is not None and e._sin is not None
         eos = e._eos
         block = Block(start=pos, logits=torch.empty(0))
-        copied, source = self.lookup(min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1))
+        limit = min(s.lookup_tokens, max_rows - 1, s.max_draft_tokens - 1)
+        copied, source = self.lookup(limit)
         if copied and self._history[-1] == token_id:  # (lookup copies only when the history has tokens)
             block.source = source
             sampling = temperature > 0 and generator is not None
             if source == "own text" and not sampling and self._tree_ok:
-                branches = self._side_branches(copied)
+                branches = self._side_branches(copied, limit)
                 rows = 1 + sum(len(b) for b in branches)
                 if len(branches) > 1 and pos + rows <= e.bundle.context_length:
                     e._prepare_cache(pos + rows)
@@ -368,19 +372,32 @@ class Drafter:
         cache.token_ids[pos:] = inputs
         return block
 
-    def _side_branches(self, main: list[int]) -> list[list[int]]:
-        """The own-text chain `main`, plus short chains from the next most frequent first guesses."""
+    def _side_branches(self, main: list[int], limit: int) -> list[list[int]]:
+        """The own-text chain `main`, plus short chains from the next most frequent first guesses, plus the tokens
+        that followed the last token's latest earlier occurrence in the context (a one-token prompt lookup)."""
         c = self.continuations
         assert c is not None
+        h = self._history
         banned, eos = self.head.banned, self.engine._eos
-        limit = min(TREE_SIDE_TOKENS, len(main))
+        limit = min(TREE_SIDE_TOKENS, limit)  # (`limit`: the most guesses a branch may hold this round)
         branches = [main]
-        for first in c.first_options(self._history, banned):
-            if first == main[0]:
+        for first in c.first_options(h, banned):
+            if first == main[0] or len(branches) >= TREE_BRANCHES:
                 continue
-            rest = [] if first in eos else c.chain([*self._history, first], limit - 1, banned, eos)
+            rest = [] if first in eos else c.chain([*h, first], limit - 1, banned, eos)
             branches.append([first, *rest])
-        return branches[:TREE_BRANCHES]
+        j = self._follower1.get(h[-1]) if TREE_BRANCHES > 1 else None
+        if j is not None and j < len(h):
+            copy: list[int] = []
+            for t in h[j : j + limit]:
+                if t in banned:
+                    break
+                copy.append(t)
+                if t in eos:
+                    break
+            if copy and all(copy[0] != b[0] for b in branches):
+                branches.append(copy)
+        return branches
 
     def _tree_block(self, block: Block, root: int, branches: list[list[int]]) -> Block:
         """Greedy rounds: several chains of guesses from one root, checked in one batched full-depth pass as a

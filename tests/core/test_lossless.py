@@ -367,3 +367,18 @@ def test_a_tree_round_keeps_the_side_branch_the_full_model_agrees_with():
     assert got.length == snapshot[0] and got.token_ids == snapshot[1]
     for layer in range(got.num_layers):
         torch.testing.assert_close(got.keys[layer][:, :, : got.length], snapshot[2][layer], rtol=1e-4, atol=1e-5)
+
+
+def test_side_branches_add_what_followed_the_last_token_in_the_context():
+    engine = _engine("llama", lookup_tokens=4)
+    engine.exit_heads.draft_text = torch.tensor([7, 1, 2, -1, 7, 3, -1, 7, 3, -1], dtype=torch.int32)
+    drafter = engine._lossless_drafter("lossless", True)
+    drafter.begin([7, 9, 8, 5, 7], frozenset())  # the last 7 was followed by 9, 8 earlier in the context
+    main = drafter.continuations.chain(drafter._history, 4, frozenset(), set())
+    assert main[0] == 3
+    assert drafter._side_branches(main, 4) == [main, [1, 2], [9, 8]]
+    assert drafter._side_branches(main, 1) == [main, [1], [9]]  # no branch longer than the round allows
+    drafter.begin([7, 3, 8, 5, 7], frozenset())  # a context follower already tried as a first guess adds nothing
+    assert drafter._side_branches(main, 4) == [main, [1, 2]]
+    drafter.begin([7, 9, 8, 5, 7], frozenset({9}))  # a banned token is never proposed
+    assert drafter._side_branches(main, 4) == [main, [1, 2]]
