@@ -90,10 +90,11 @@ class ReconstructionProbe:
 
     def _step(self, token_id: int, pos: int) -> tuple[torch.Tensor, int, dict[int, float]]:
         logits, depth, estimates = self._inner(token_id, pos)
-        if depth < self.engine.num_layers and self.engine.kv_fill == "deferred":
-            self.stats.exited_positions += 1  # the true K/V come later, with the next token: nothing to compare
-        elif depth < self.engine.num_layers:
-            self._measure(token_id, pos, depth)
+        if depth < self.engine.num_layers:
+            if self.engine.kv_fill == "deferred":  # the true K/V come later, with the next token: nothing to compare
+                self.stats.exited_positions += 1
+            else:
+                self._measure(token_id, pos, depth)
         return logits, depth, estimates
 
     def _measure(self, token_id: int, pos: int, depth: int) -> None:

@@ -510,18 +510,17 @@ class SedacEngine:
         """One token with early exit: at each checked layer the exit signal estimates the exit's entropy
         (_exit_estimate); the first below tau_low exits, and the skipped layers' K/V at this position are filled
         by the KV fill: propagation, Ghost KV, the oracle's full run, or (deferred) later, with the next token."""
+        if self.kv_fill == "deferred":
+            return self._forward_exit_deferred(token_id, pos)
         a = self.anatomy
-        heads = self.exit_heads
         cache = self._cache
-        assert heads is not None and cache is not None and self._cos is not None and self._sin is not None
+        assert self.exit_heads is not None and cache is not None and self._cos is not None and self._sin is not None
         x = a.embed(torch.tensor([[token_id]], device=self.device))
         cos = self._cos[pos : pos + 1]
         sin = self._sin[pos : pos + 1]
         checked = self._check_layers
         tau_low = self._tau_low
         estimates: dict[int, float] = {}
-        if self.kv_fill == "deferred":
-            return self._forward_exit_deferred(token_id, pos)
         for layer in a.layers:
             x = a.layer_forward(layer, x, cache, pos, cos, sin)
             depth = layer.index + 1

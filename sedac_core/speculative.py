@@ -158,19 +158,22 @@ class Continuations:
         # per run: the followers most frequent first (ties: the lower id), at most TREE_BRANCHES of them
         self.options: dict[tuple[int, ...], tuple[int, ...]] = {
             k: tuple(sorted(c, key=lambda t: (-c[t], t))[:TREE_BRANCHES]) for k, c in counts.items()}
-        self.next: dict[tuple[int, ...], int] = {k: o[0] for k, o in self.options.items()}
 
     def __len__(self) -> int:
-        return len(self.next)
+        return len(self.options)
 
-    def first_options(self, history: list[int], banned: frozenset[int]) -> list[int]:
+    def _followers(self, history: list[int]) -> tuple[int, ...]:
         """The followers of the longest run of trailing tokens seen in the text, most frequent first."""
         h = history[-self.key :]
         for n in range(min(self.key, len(h)), 0, -1):
             options = self.options.get(tuple(h[-n:]))
             if options is not None:
-                return [t for t in options if t not in banned]
-        return []
+                return options
+        return ()
+
+    def first_options(self, history: list[int], banned: frozenset[int]) -> list[int]:
+        """The followers of the longest run of trailing tokens seen in the text, most frequent first."""
+        return [t for t in self._followers(history) if t not in banned]
 
     def chain(self, history: list[int], limit: int, banned: frozenset[int], eos: set[int] | frozenset[int]
               ) -> list[int]:
@@ -179,17 +182,13 @@ class Continuations:
         h = history[-self.key :]
         out: list[int] = []
         while len(out) < limit:
-            guess = None
-            for n in range(min(self.key, len(h)), 0, -1):
-                guess = self.next.get(tuple(h[-n:]))
-                if guess is not None:
-                    break
-            if guess is None or guess in banned:
+            options = self._followers(h)
+            if not options or options[0] in banned:
                 break
-            out.append(guess)
-            if guess in eos:
+            out.append(options[0])
+            if options[0] in eos:
                 break
-            h = (h + [guess])[-self.key :]
+            h = (h + [options[0]])[-self.key :]
         return out
 
 
@@ -265,21 +264,24 @@ class Drafter:
         if limit < 1 or not h:
             return [], ""
         j = self._follower.get(tuple(h[-LOOKUP_KEY:])) if len(h) > LOOKUP_KEY else None
-        if j is not None:
-            out: list[int] = []
-            for t in h[j : j + limit]:
-                if t in self.head.banned:
-                    break
-                out.append(t)
-                if t in self.engine._eos:
-                    break
-            if out:
-                return out, "context"
+        if j is not None and (out := self._copy_from(j, limit)):
+            return out, "context"
         if self.continuations is not None:
             out = self.continuations.chain(h, limit, self.head.banned, self.engine._eos)
             if out:
                 return out, "own text"
         return [], ""
+
+    def _copy_from(self, j: int, limit: int) -> list[int]:
+        """Up to `limit` tokens of the history from index j on; a banned token ends them before it, an EOS after."""
+        out: list[int] = []
+        for t in self._history[j : j + limit]:
+            if t in self.head.banned:
+                break
+            out.append(t)
+            if t in self.engine._eos:
+                break
+        return out
 
     def _draft(self, normed: torch.Tensor, temperature: float, generator: torch.Generator | None
                ) -> tuple[int, float, tuple[torch.Tensor, torch.Tensor] | None]:
@@ -386,17 +388,10 @@ class Drafter:
                 continue
             rest = [] if first in eos else c.chain([*h, first], limit - 1, banned, eos)
             branches.append([first, *rest])
-        j = self._follower1.get(h[-1]) if TREE_BRANCHES > 1 else None
-        if j is not None and j < len(h):
-            copy: list[int] = []
-            for t in h[j : j + limit]:
-                if t in banned:
-                    break
-                copy.append(t)
-                if t in eos:
-                    break
-            if copy and all(copy[0] != b[0] for b in branches):
-                branches.append(copy)
+        j = self._follower1.get(h[-1])
+        copy = self._copy_from(j, limit) if j is not None else []
+        if copy and all(copy[0] != b[0] for b in branches):
+            branches.append(copy)
         return branches
 
     def _tree_block(self, block: Block, root: int, branches: list[list[int]]) -> Block:
