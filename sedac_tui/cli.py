@@ -394,6 +394,17 @@ class _Progress:
         self.bar.__exit__(*exc)
 
 
+def _session_prompts(paths: list[Path]) -> list[str]:
+    """The user messages of recorded sessions, in order (a damaged file is a one-line error)."""
+    from sedac_core.events import UserMessage
+    from sedac_core.session import read_session
+
+    texts: list[str] = []
+    for path in paths:
+        texts += [e.text for e in read_session(path).events if isinstance(e, UserMessage) and e.text.strip()]
+    return texts
+
+
 def _parse_layers(text: str, num_layers: int) -> list[int]:
     try:
         layers = sorted({int(part) for part in text.split(",") if part.strip()})
@@ -427,6 +438,8 @@ def train(
     temperature: float = typer.Option(0.8, "--temperature", help="With --samples: their sampling temperature."),
     layers_opt: Optional[str] = typer.Option(None, "--layers", help="Exit layers, comma-separated (default: "
                                              "spread over the upper two thirds of the stack, e.g. 10,14,...,27)."),
+    sessions: list[Path] = typer.Option([], "--sessions", help="Recorded sessions (.jsonl) whose user messages are "
+                                        "trained on first, before the prompts (repeatable)."),
     data: Optional[Path] = typer.Option(None, "--data", help="Keep the collected hidden states in this file: a "
                                         "later run with the same model and collection options reuses it instead "
                                         "of generating again (e.g. to try other --kl-epochs)."),
@@ -444,9 +457,9 @@ def train(
         _fail(f"--samples is {samples}; it must be 0 or more (e.g. 3)")
     if samples and temperature <= 0:
         _fail(f"--temperature is {temperature}; sampling needs a temperature above 0 (e.g. 0.8)")
+    texts = _session_prompts(sessions) + load_prompts(prompts)  # bad files fail before the model loads
     cfg = _load_config(None)
     bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
-    texts = load_prompts(prompts)
 
     def collect(layers: list[int]) -> ExitData:
         meta = dict(fingerprint=bundle.fingerprint, layers=list(layers), prompts=texts, tokens=tokens,
@@ -485,6 +498,7 @@ def train(
     cal = calibrate_heads(bundle, heads, held_out, target_agreement=target_agreement)
     heads.meta.update(fingerprint=bundle.fingerprint, model=bundle.name, trained_at=time.time(), training={
         "tokens": len(collected), "prompts": str(prompts) if prompts else "the shipped training prompts",
+        **({"sessions": [str(p) for p in sessions]} if sessions else {}),
         "max_new_tokens": max_new_tokens, "samples_per_prompt": samples,
         **({"temperature": temperature} if samples else {}),
         "fit": "least squares" + (f" + {kl_epochs} epochs full-vocabulary KL (Adam 3e-4, batch 256)"
@@ -517,23 +531,19 @@ def calibrate(
     from sedac_core.calibration import calibrate_heads
     from sedac_core.errors import SedacError
     from sedac_core.exits import ExitHeads, collect_exit_data, find_profile, load_prompts, user_profile_dir
-    from sedac_core.events import UserMessage
     from sedac_core.models import load_model
-    from sedac_core.session import read_session
 
     if not 0 < target_agreement <= 1:
         _fail(f"--target-agreement is {target_agreement}; give a fraction in (0, 1], e.g. 0.98")
     if signal not in ("reduced", "probe"):
         _fail(f"unknown --signal {signal!r}; use reduced or probe")
+    texts = _session_prompts(sessions)  # bad files fail before the model loads
     cfg = _load_config(None)
     bundle = load_model(_model_spec(model, cfg), local=local, progress=lambda m: typer.secho(m, dim=True, err=True))
     source = find_profile(bundle.fingerprint)
     if source is None:
         raise SedacError(f"no exit heads for {bundle.name}; train them first with `sedac-chat train`")
     heads = ExitHeads.load(source, hidden_size=bundle.model.config.hidden_size)
-    texts: list[str] = []
-    for path in sessions:
-        texts += [e.text for e in read_session(path).events if isinstance(e, UserMessage) and e.text.strip()]
     if prompts is not None or not texts:
         texts += load_prompts(prompts)[::-1]  # the shipped set, from its end
     with _Progress("collecting") as bar:

@@ -422,3 +422,50 @@ def test_deferred_fill_with_o1_matches_the_true_kv(trained):
     assert deferred.token_ids == oracle.token_ids
     assert any(t.decision == "exit" for t in deferred.token_events)
     assert deferred.events[-1].o1_triggers > 0
+
+
+def test_cli_train_and_calibrate_take_recorded_sessions(tmp_path, monkeypatch):
+    """`train --sessions` / `calibrate --sessions`: the user messages of recorded sessions are collected on (train:
+    first, then the prompts); a damaged session file is a one-line error before the model loads."""
+    from typer.testing import CliRunner
+
+    import sedac_core.exits as exits_mod
+    from conftest import make_tiny_model, make_tokenizer
+    from sedac_core.events import SessionStart, UserMessage
+    from sedac_core.session import SessionRecorder
+    from sedac_tui.cli import app
+
+    model_dir = tmp_path / "tiny"
+    make_tiny_model("llama", layers=4, seed=3).save_pretrained(model_dir)
+    make_tokenizer().save_pretrained(model_dir)
+    monkeypatch.setattr("sedac_core.exits.user_profile_dir", lambda fp: tmp_path / "profiles" / fp)
+    session = tmp_path / "s.jsonl"
+    with SessionRecorder(session, SessionStart(model="tiny", num_layers=4)) as rec:
+        for text in ("my own question", "   ", "another one of mine"):
+            rec.write(UserMessage(text=text))
+    prompts = tmp_path / "p.txt"
+    prompts.write_text("\n".join(PROMPTS[:4]))
+    seen: list[list[str]] = []
+    real = exits_mod.collect_exit_data
+    monkeypatch.setattr(exits_mod, "collect_exit_data", lambda bundle, texts, *a, **k: (
+        seen.append(list(texts)), real(bundle, texts, *a, **k))[1])
+    runner = CliRunner()
+    common = ["--model", str(model_dir), "--local", "--sessions", str(session), "--prompts", str(prompts)]
+    out = tmp_path / "out"
+    r = runner.invoke(app, ["train", *common, "--tokens", "40", "--max-new-tokens", "6", "--batch-size", "3",
+                            "--out", str(out)])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == ["my own question", "another one of mine", *PROMPTS[:4]]
+    assert ExitHeads.load(out).meta["training"]["sessions"] == [str(session)]
+    monkeypatch.setattr("sedac_core.exits.find_profile", lambda fp: out)
+    r = runner.invoke(app, ["calibrate", "--model", str(model_dir), "--local", "--sessions", str(session),
+                            "--tokens", "30"])
+    assert r.exit_code == 0, r.output
+    assert seen[-1] == ["my own question", "another one of mine"]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("not json\n")
+    for command in ("train", "calibrate"):
+        r = runner.invoke(app, [command, *common[:3], "--sessions", str(broken)])
+        assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+        assert r.output.strip().splitlines() == [r.output.strip().splitlines()[-1]]  # nothing loaded before it
+        assert str(broken) in r.output and r.output.startswith("error:")
