@@ -384,13 +384,13 @@ class SedacEngine:
     def recalibrate(self, prompts: list[str] | None = None, *, target_agreement: float | None = None,
                     max_tokens: int = 1500) -> ThresholdChange:
         """Re-fit tau_low (and per-layer offsets) for the installed exit heads on this session's prompts (or the
-        given ones; the shipped prompt set when there are none) and apply them from the next token."""
+        given ones; the shipped calibration prompts when there are none) and apply them from the next token."""
         from .calibration import calibrate_heads
         from .exits import collect_exit_data, load_prompts
 
         if self.exit_heads is None:
             raise SedacError(self.profile_notice or "no exit heads to calibrate; run `sedac-chat train`")
-        texts = list(prompts or self._seen_prompts) or load_prompts()[::-1]
+        texts = list(prompts or self._seen_prompts) or load_prompts(shipped="calibration")
         heads = self.exit_heads
         target = target_agreement or float(heads.meta.get("calibration", {}).get("target_agreement") or 0.98)
         with self._lock:

@@ -79,3 +79,9 @@ def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
     z = logits.float()
     logp = torch.log_softmax(z, dim=-1)
     return -(logp.exp() * logp).sum(-1) / LN2
+
+
+def masked_entropy_bits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
+    """Entropy in bits of softmax over the `allowed` entries of each row (the rest count as -inf logits)."""
+    logp = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
+    return -torch.where(allowed, logp.exp() * logp, torch.zeros_like(logp)).sum(-1) / LN2

@@ -157,9 +157,14 @@ def find_profile(fingerprint: str) -> Path | None:
 # training data: the model's own generations
 
 
-def load_prompts(path: Path | None = None) -> list[str]:
+SHIPPED_PROMPTS = {"train": "train_prompts.txt", "calibration": "calibration_prompts.txt"}
+
+
+def load_prompts(path: Path | None = None, shipped: str = "train") -> list[str]:
+    """The prompts in `path` (one per line), or a set shipped with the package: "train" (what `train` collects the
+    model's answers to) or "calibration" (other prompts, for thresholds that hold on text the heads never saw)."""
     if path is None:
-        text = (resources.files("sedac_core") / "data" / "train_prompts.txt").read_text(encoding="utf-8")
+        text = (resources.files("sedac_core") / "data" / SHIPPED_PROMPTS[shipped]).read_text(encoding="utf-8")
     else:
         if not path.is_file():
             raise SedacError(f"prompt file not found: {path}; give a text file with one prompt per line")
@@ -177,13 +182,45 @@ class ExitData:
     final_token: torch.Tensor  # [N] the full model's greedy next token
     final_entropy: torch.Tensor  # [N] bits
     group: torch.Tensor  # [N] which prompt each row came from (for held-out splits by prompt)
+    # what the text around each row was, for decisions over the reduced vocabulary, which the engine extends with
+    # the context's tokens (None: not collected): the token fed at each row, whether the row starts an answer, and
+    # each group's prompt ids. A row's context is its prompt plus the fed tokens from its answer's start to it.
+    inputs: torch.Tensor | None = None  # [N]
+    first: torch.Tensor | None = None  # [N] bool
+    prompt_ids: dict[int, list[int]] | None = None
 
     def __len__(self) -> int:
         return int(self.final_token.shape[0])
 
     def subset(self, idx: torch.Tensor) -> "ExitData":
+        """The rows `idx` (in order; keep whole answers, e.g. whole groups, or the context loses its start)."""
+        pick = (lambda t: None if t is None else t[idx])  # noqa: E731
         return ExitData({l: h[idx] for l, h in self.hidden.items()}, self.final_hidden[idx], self.final_token[idx],
-                        self.final_entropy[idx], self.group[idx])
+                        self.final_entropy[idx], self.group[idx], pick(self.inputs), pick(self.first),
+                        self.prompt_ids)
+
+    def context_masks(self, base: torch.Tensor, vocab_size: int, start: int, stop: int) -> torch.Tensor | None:
+        """[stop - start, vocab_size] bool: the reduced vocabulary each row's decision sees, `base` plus the row's
+        context (as the engine's ReducedHead builds it), or None without the context data."""
+        if self.inputs is None or self.first is None or self.prompt_ids is None:
+            return None
+        begin = start  # back to the first row of the answer `start` is in
+        while begin > 0 and not bool(self.first[begin]):
+            begin -= 1
+        out = torch.zeros(stop - start, vocab_size, dtype=torch.bool)
+        ctx = torch.zeros(vocab_size, dtype=torch.bool)
+        for i in range(begin, stop):
+            if bool(self.first[i]):
+                ctx = torch.zeros(vocab_size, dtype=torch.bool)
+                ctx[base] = True
+                ids = [t for t in self.prompt_ids.get(int(self.group[i]), []) if 0 <= t < vocab_size]
+                ctx[torch.tensor(ids, dtype=torch.long)] = True
+            token = int(self.inputs[i])
+            if 0 <= token < vocab_size:
+                ctx[token] = True
+            if i >= start:
+                out[i - start] = ctx
+        return out
 
     def save(self, path: Path, meta: dict[str, Any]) -> None:
         """Write the collected data with `meta` (what it was collected with) atomically: an interrupted write
@@ -191,7 +228,8 @@ class ExitData:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         torch.save({"meta": meta, "hidden": self.hidden, "final_hidden": self.final_hidden,
-                    "final_token": self.final_token, "final_entropy": self.final_entropy, "group": self.group}, tmp)
+                    "final_token": self.final_token, "final_entropy": self.final_entropy, "group": self.group,
+                    "inputs": self.inputs, "first": self.first, "prompt_ids": self.prompt_ids}, tmp)
         os.replace(tmp, path)
 
     @classmethod
@@ -209,7 +247,7 @@ class ExitData:
         if kept != want or not set(want_layers) <= kept_layers:
             return None
         return cls({l: raw["hidden"][l] for l in want_layers}, raw["final_hidden"], raw["final_token"],
-                   raw["final_entropy"], raw["group"])
+                   raw["final_entropy"], raw["group"], raw.get("inputs"), raw.get("first"), raw.get("prompt_ids"))
 
 
 @torch.inference_mode()
@@ -235,13 +273,15 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
             hooks.append(layer.register_forward_hook(
                 lambda _m, _inp, out, idx=i + 1: captured.__setitem__(idx, out[0] if isinstance(out, tuple) else out)))
     hidden: dict[int, list[torch.Tensor]] = {l: [] for l in layers}
-    finals, tokens, ents, groups = [], [], [], []
+    finals, tokens, ents, groups, inputs, firsts = [], [], [], [], [], []
+    prompt_ids: dict[int, list[int]] = {}
     total = 0
     t0 = time.time()
     try:
         for b in range(0, len(prompts), batch_size):
             batch = prompts[b : b + batch_size]
             encoded = [bundle.chat.encode([{"role": "user", "content": p}]) for p in batch]
+            prompt_ids.update({b + r: list(e) for r, e in enumerate(encoded)})
             width = max(len(e) for e in encoded)
             ids = torch.tensor([[pad_id] * (width - len(e)) + e for e in encoded], device=bundle.device)
             mask = (torch.arange(width, device=bundle.device)[None, :] >= torch.tensor(
@@ -274,6 +314,8 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
                     tokens.append(lg.argmax(-1).cpu())
                     ents.append(entropy_bits(lg).cpu())
                     groups.append(torch.full((n,), b + r, dtype=torch.long))
+                    inputs.append(out[r, sl].cpu())  # the last prompt token, then the answer's tokens
+                    firsts.append(torch.arange(n) == 0)
                     total += n
                 if progress:
                     # the run ends at the last prompt or at max_tokens, whichever comes first: the bar follows the
@@ -291,7 +333,7 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
         for h in hooks:
             h.remove()
     return ExitData({l: torch.cat(v) for l, v in hidden.items()}, torch.cat(finals), torch.cat(tokens),
-                    torch.cat(ents), torch.cat(groups))
+                    torch.cat(ents), torch.cat(groups), torch.cat(inputs), torch.cat(firsts), prompt_ids)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -353,8 +395,9 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
                decision_vocab: torch.Tensor | None = None) -> dict[int, dict[str, torch.Tensor]]:
     """Per exit layer: the exit head's argmax ("token"), its real entropy, the exit signal ("predicted") and
     whether the exit token agrees with the full model. The signal is the probe's estimated entropy, or with
-    `decision_vocab` (the "reduced" signal) the entropy over those ids only, whose argmax is then the exit token."""
-    from .entropy import entropy_bits
+    `decision_vocab` (the "reduced" signal) the entropy over those ids only (plus each row's context tokens when
+    `data` has them, as in the engine), whose argmax is then the exit token."""
+    from .entropy import entropy_bits, masked_entropy_bits
 
     lm_head, norm_w, eps = _lm_head_parts(bundle)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -369,10 +412,14 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
                 if decision_vocab is None:
                     tok.append(logits.argmax(-1))
                     pred.append(nt @ heads.probe_w[l] + heads.probe_b[l])
-                else:
+                elif (allowed := data.context_masks(decision_vocab, logits.shape[-1], s, s + len(logits))) is None:
                     reduced = logits[:, decision_vocab]
                     tok.append(decision_vocab[reduced.argmax(-1)])
                     pred.append(entropy_bits(reduced))
+                else:  # the reduced vocabulary plus each row's context, as the engine decides
+                    masked = logits.masked_fill(~allowed, float("-inf"))
+                    tok.append(masked.argmax(-1))
+                    pred.append(masked_entropy_bits(masked, allowed))
             tok_t = torch.cat(tok)
             out[l] = {"token": tok_t, "entropy": torch.cat(ent), "predicted": torch.cat(pred),
                       "agree": (tok_t == data.final_token)}

@@ -519,7 +519,8 @@ def calibrate(
     local: bool = LocalOpt,
     sessions: list[Path] = typer.Option([], "--sessions", help="Recorded sessions whose user messages become the "
                                         "calibration prompts (repeatable)."),
-    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Calibration prompts, one per line."),
+    prompts: Optional[Path] = typer.Option(None, "--prompts", help="Calibration prompts, one per line "
+                                           "(default: the shipped calibration set, apart from the training prompts)."),
     target_agreement: float = typer.Option(0.98, "--target-agreement", help="Agreement with the full model to keep."),
     percentiles: bool = typer.Option(False, "--percentiles", help="Use percentiles (P20/P50/P90) instead."),
     tokens: int = typer.Option(4000, "--tokens", help="Calibration tokens to generate."),
@@ -545,7 +546,7 @@ def calibrate(
         raise SedacError(f"no exit heads for {bundle.name}; train them first with `sedac-chat train`")
     heads = ExitHeads.load(source, hidden_size=bundle.model.config.hidden_size)
     if prompts is not None or not texts:
-        texts += load_prompts(prompts)[::-1]  # the shipped set, from its end
+        texts += load_prompts(prompts, shipped="calibration")  # by default, prompts the heads were not trained on
     with _Progress("collecting") as bar:
         data = collect_exit_data(bundle, texts, heads.layers, max_tokens=tokens, progress=bar)
     cal = calibrate_heads(bundle, heads, data, target_agreement=None if percentiles else target_agreement,

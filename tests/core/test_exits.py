@@ -9,7 +9,7 @@ from conftest import make_bundle
 from sedac_core.calibration import LayerStats, calibrate, oracle_skip_ratio, simulate
 from sedac_core.engine import GenerationRequest, SedacEngine
 from sedac_core.events import Notice, TokenEvent
-from sedac_core.exits import (ExitHeads, ProfileError, collect_exit_data, default_exit_layers, exit_stats,
+from sedac_core.exits import (ExitData, ExitHeads, ProfileError, collect_exit_data, default_exit_layers, exit_stats,
                               split_by_prompt, train_exit_heads)
 from sedac_core.policy import CONTINUE, ESCALATE, EXIT, ExitPolicy
 
@@ -469,3 +469,40 @@ def test_cli_train_and_calibrate_take_recorded_sessions(tmp_path, monkeypatch):
         assert r.exit_code == 2 and "Traceback" not in r.output, r.output
         assert r.output.strip().splitlines() == [r.output.strip().splitlines()[-1]]  # nothing loaded before it
         assert str(broken) in r.output and r.output.startswith("error:")
+
+
+def test_calibration_sees_the_reduced_vocabulary_the_engine_decides_over(trained):
+    """The engine decides exits over the reduced vocabulary plus the context's tokens (the prompt and every token
+    fed since); calibration data keeps that context, so the calibrated signal is the one the engine computes."""
+    import copy
+
+    from sedac_core.exits import reduced_base_vocab
+
+    bundle, _, heads, _ = trained
+    heads = copy.deepcopy(heads)
+    heads.meta["calibration"] = {"tau_low": -1.0, "signal": "reduced", "decision_vocab_size": 24,
+                                 "check_layers": [1, 2, 3]}
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    engine.set_thresholds(tau_low=-1.0, tau_high=30.0)  # never exits: full depth, every checked layer reported
+    prompt = PROMPTS[3]
+    # (EOS allowed: with ignore_eos the engine's reduced vocabulary leaves it out, the collected answers do not)
+    result = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=16, mode="exit"))
+    toks = result.token_events
+    assert len(toks) > 8
+    data = collect_exit_data(bundle, [prompt], [1, 2, 3], max_new_tokens=16)
+    assert data.final_token.tolist()[: len(toks)] == [t.token_id for t in toks]
+    assert data.first.tolist() == [True] + [False] * (len(data) - 1)
+    assert data.prompt_ids == {0: bundle.chat.encode([{"role": "user", "content": prompt}])}
+    vocab = reduced_base_vocab(heads.draft_vocab, 400, 24)
+    masks = data.context_masks(vocab, 400, 0, len(data))
+    context = set(data.prompt_ids[0]) | set(data.final_token[:3].tolist())
+    assert set(torch.nonzero(masks[3])[:, 0].tolist()) == set(vocab.tolist()) | context
+    assert torch.equal(data.context_masks(vocab, 400, 5, 9), masks[5:9])  # a batch that starts mid-answer
+    stats = exit_stats(heads, data, bundle, decision_vocab=vocab)
+    for layer in (1, 2, 3):  # the first token comes from the prefill: no exit check
+        engine_signal = torch.tensor([t.layer_entropies[layer] for t in toks[1:]])
+        assert torch.allclose(stats[layer]["predicted"][1 : len(toks)], engine_signal, atol=1e-3)
+    plain = exit_stats(heads, ExitData(data.hidden, data.final_hidden, data.final_token, data.final_entropy,
+                                       data.group), bundle, decision_vocab=vocab)
+    assert not torch.allclose(plain[2]["predicted"][1:], stats[2]["predicted"][1:], atol=1e-3)
