@@ -426,7 +426,9 @@ def train(
     tokens: int = typer.Option(16000, "--tokens", help="Stop generating training data after this many tokens."),
     max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="Answer length per prompt."),
     batch_size: int = typer.Option(32, "--batch-size", help="Prompts generated together."),
-    kl_epochs: int = typer.Option(0, "--kl-epochs", help="Full-vocabulary KL epochs after the least-squares fit."),
+    kl_epochs: int = typer.Option(2, "--kl-epochs", help="Full-vocabulary KL epochs after the least-squares fit "
+                                  "(0: least squares only, faster; on the default model 2 epochs add ~8 points of "
+                                  "agreement at layer 24)."),
     target_agreement: float = typer.Option(0.98, "--target-agreement", help="Calibrate tau_low for this agreement."),
     out: Optional[Path] = typer.Option(None, "--out", help="Profile directory (default: the user cache, keyed by "
                                        "the model's fingerprint)."),
@@ -455,6 +457,8 @@ def train(
         _fail(f"--rank is {rank}; it must be at least 1 (e.g. 128)")
     if samples < 0:
         _fail(f"--samples is {samples}; it must be 0 or more (e.g. 3)")
+    if kl_epochs < 0:
+        _fail(f"--kl-epochs is {kl_epochs}; it must be 0 or more (e.g. 2)")
     if samples and temperature <= 0:
         _fail(f"--temperature is {temperature}; sampling needs a temperature above 0 (e.g. 0.8)")
     texts = _session_prompts(sessions) + load_prompts(prompts)  # bad files fail before the model loads

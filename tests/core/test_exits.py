@@ -275,7 +275,7 @@ def test_cli_train_keeps_collected_data_and_reuses_it(tmp_path, monkeypatch):
     # other collection options: collected again, not reused
     third = runner.invoke(app, [*args[:-4], "--samples", "0", "--data", str(data), "--out", str(tmp_path / "o2")])
     assert third.exit_code == 0 and "reusing" not in third.output
-    for bad_args, match in ((["--samples", "-1"], "--samples is -1"),
+    for bad_args, match in ((["--samples", "-1"], "--samples is -1"), (["--kl-epochs", "-2"], "--kl-epochs is -2"),
                             (["--layers", "2,x"], "not a list of layer numbers"),
                             (["--layers", "0,2"], "must lie between 1 and 3")):
         bad = runner.invoke(app, ["train", "--model", str(model_dir), "--local", *bad_args])
@@ -324,7 +324,7 @@ def test_reduced_signal_exits_pick_among_the_reduced_vocabulary(trained):
 
 
 def test_calibration_keeps_only_the_layers_whose_exits_pay():
-    from sedac_core.calibration import LM_HEAD_LAYERS, choose_check_layers, exit_rates
+    from sedac_core.calibration import CHECK_COST_LAYERS, LM_HEAD_LAYERS, choose_check_layers, exit_rates
 
     n = 1000
     # layer 2 almost never confident (its check would cost more than it saves), layer 6 often
@@ -333,7 +333,7 @@ def test_calibration_keeps_only_the_layers_whose_exits_pay():
                            agree=torch.ones(n, dtype=torch.bool))}
     rates = exit_rates(stats, tau_low=1.0)
     assert rates[2] == pytest.approx(0.005) and rates[6] == pytest.approx(0.5, abs=0.01)
-    assert 0.005 * (8 - 2 + LM_HEAD_LAYERS) < 0.8  # the premise: layer 2 does not pay for its check
+    assert 0.005 * (8 - 2 + LM_HEAD_LAYERS) < CHECK_COST_LAYERS  # the premise: layer 2 does not pay for its check
     assert choose_check_layers(stats, 8, tau_low=1.0) == [6]
     cal = calibrate(stats, torch.rand(n) * 5, 8, target_agreement=0.98, prune_checks=True)
     assert cal.check_layers == [6] and cal.to_meta()["check_layers"] == [6]
