@@ -75,13 +75,8 @@ def set_backend(name: str) -> None:
 
 
 def entropy_bits(logits: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of softmax(logits) along the last dimension."""
-    z = logits.float()
-    logp = torch.log_softmax(z, dim=-1)
-    return -(logp.exp() * logp).sum(-1) / LN2
-
-
-def masked_entropy_bits(logits: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
-    """Entropy in bits of softmax over the `allowed` entries of each row (the rest count as -inf logits)."""
-    logp = torch.log_softmax(logits.float().masked_fill(~allowed, float("-inf")), dim=-1)
-    return -torch.where(allowed, logp.exp() * logp, torch.zeros_like(logp)).sum(-1) / LN2
+    """Entropy in bits of softmax(logits) along the last dimension; -inf entries (masked tokens) count as
+    probability 0."""
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    terms = logp.exp() * logp
+    return -torch.where(logp == float("-inf"), torch.zeros_like(terms), terms).sum(-1) / LN2

@@ -397,7 +397,7 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
     whether the exit token agrees with the full model. The signal is the probe's estimated entropy, or with
     `decision_vocab` (the "reduced" signal) the entropy over those ids only (plus each row's context tokens when
     `data` has them, as in the engine), whose argmax is then the exit token."""
-    from .entropy import entropy_bits, masked_entropy_bits
+    from .entropy import entropy_bits
 
     lm_head, norm_w, eps = _lm_head_parts(bundle)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -419,7 +419,7 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
                 else:  # the reduced vocabulary plus each row's context, as the engine decides
                     masked = logits.masked_fill(~allowed, float("-inf"))
                     tok.append(masked.argmax(-1))
-                    pred.append(masked_entropy_bits(masked, allowed))
+                    pred.append(entropy_bits(masked))
             tok_t = torch.cat(tok)
             out[l] = {"token": tok_t, "entropy": torch.cat(ent), "predicted": torch.cat(pred),
                       "agree": (tok_t == data.final_token)}

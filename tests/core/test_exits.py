@@ -506,3 +506,14 @@ def test_calibration_sees_the_reduced_vocabulary_the_engine_decides_over(trained
     plain = exit_stats(heads, ExitData(data.hidden, data.final_hidden, data.final_token, data.final_entropy,
                                        data.group), bundle, decision_vocab=vocab)
     assert not torch.allclose(plain[2]["predicted"][1:], stats[2]["predicted"][1:], atol=1e-3)
+
+
+def test_entropy_of_masked_logits_is_the_entropy_over_the_kept_tokens():
+    from sedac_core.entropy import entropy_bits
+
+    z = torch.randn(4, 50, generator=torch.Generator().manual_seed(0))
+    keep = torch.rand(4, 50, generator=torch.Generator().manual_seed(1)) > 0.6
+    keep[:, 0] = True
+    masked = entropy_bits(z.masked_fill(~keep, float("-inf")))
+    assert torch.allclose(masked, torch.stack([entropy_bits(z[i][keep[i]]) for i in range(4)]), atol=1e-5)
+    assert entropy_bits(torch.tensor([0.0, float("-inf")])) == 0.0  # one token left: certain
