@@ -172,7 +172,7 @@ class Continuations:
         return ()
 
     def first_options(self, history: list[int], banned: frozenset[int]) -> list[int]:
-        """The followers of the longest run of trailing tokens seen in the text, most frequent first."""
+        """_followers less the tokens that may not be emitted (the candidate first guesses of a tree's branches)."""
         return [t for t in self._followers(history) if t not in banned]
 
     def chain(self, history: list[int], limit: int, banned: frozenset[int], eos: set[int] | frozenset[int]
