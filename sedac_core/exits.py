@@ -374,15 +374,16 @@ def kl_matmul_dtype(lm_head: torch.Tensor, requested: str = "auto", batch: int =
     if requested != "auto":
         return getattr(torch, requested)
     x = torch.randn(batch, lm_head.shape[1], device=lm_head.device)
+    sync = torch.cuda.synchronize if lm_head.device.type == "cuda" else (lambda: None)  # time finished work only
     times = {}
     for dtype in (torch.float32, torch.bfloat16) * 2:  # the second round counts: the first warms up
         try:
             a, w = x.to(dtype), lm_head.to(dtype)
             a @ w.T
+            sync()
             t0 = time.perf_counter()
             a @ w.T
-            if lm_head.device.type == "cuda":
-                torch.cuda.synchronize()
+            sync()
             times[dtype] = time.perf_counter() - t0
         except RuntimeError:  # no bf16 matmul on this device
             return torch.float32
