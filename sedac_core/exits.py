@@ -400,6 +400,10 @@ def refine_translator_kl(w: torch.Tensor, b: torch.Tensor, h: torch.Tensor, fina
     w = w.clone().requires_grad_(True)
     b = b.clone().requires_grad_(True)
     head = (lm_head if vocab is None else lm_head[vocab]).to(matmul_dtype)
+
+    def log_probs(hidden: torch.Tensor) -> torch.Tensor:  # final norm, LM head (in matmul_dtype), log-softmax
+        return F.log_softmax((_norm(hidden, norm_w, eps).to(matmul_dtype) @ head.T).float(), -1)
+
     opt = torch.optim.Adam([w, b], lr=lr)
     n = h.shape[0]
     steps = epochs * math.ceil(n / batch)
@@ -410,8 +414,8 @@ def refine_translator_kl(w: torch.Tensor, b: torch.Tensor, h: torch.Tensor, fina
         for s in range(0, n, batch):
             idx = order[s : s + batch]
             with torch.no_grad():
-                target = F.log_softmax((_norm(final_hidden[idx], norm_w, eps).to(matmul_dtype) @ head.T).float(), -1)
-            pred = F.log_softmax((_norm(h[idx] @ w + b, norm_w, eps).to(matmul_dtype) @ head.T).float(), -1)
+                target = log_probs(final_hidden[idx])
+            pred = log_probs(h[idx] @ w + b)
             loss = F.kl_div(pred, target, log_target=True, reduction="batchmean")
             opt.zero_grad()
             loss.backward()
