@@ -21,6 +21,7 @@ class LayerStats:
 
     predicted: torch.Tensor  # [N]
     agree: torch.Tensor  # [N] bool
+    gate: torch.Tensor | None = None  # [N] the gate's estimate of `predicted` from the raw hidden state (bits)
 
 
 @dataclass
@@ -39,6 +40,10 @@ class Calibration:
     signal: str = "probe"  # the exit signal: the probe's estimated entropy, or "reduced" (see exits.exit_stats)
     decision_vocab_size: int | None = None  # "reduced": how many ids its vocabulary has (before context tokens)
     check_layers: list[int] | None = None  # the layers worth checking (None: every exit head's layer)
+    # the gate: a layer's check runs only for tokens whose gate estimate is below tau_low + offset + this margin
+    # (bits; none: every token reaching a checked layer is checked)
+    gate_margins: dict[int, float] = field(default_factory=dict)
+    checks_per_token: float | None = None  # how many checks run per token (on the calibration data)
 
     def to_meta(self) -> dict[str, Any]:
         return {
@@ -47,49 +52,92 @@ class Calibration:
             "agreement": self.agreement, "skip_ratio": self.skip_ratio, "oracle_skip_ratio": self.oracle_skip_ratio,
             "layer_offsets": {str(k): v for k, v in self.layer_offsets.items()}, "sweep": self.sweep,
             "signal": self.signal, "decision_vocab_size": self.decision_vocab_size, "check_layers": self.check_layers,
+            "gate_margins": {str(k): v for k, v in self.gate_margins.items()}, "checks_per_token": self.checks_per_token,
         }
 
 
-def simulate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1,
-             offsets: dict[int, float] | None = None) -> tuple[float, float]:
-    """(agreement, skip_ratio) of exiting at the first checked layer >= min_layer whose signal < tau_low.
+@dataclass
+class Routing:
+    """How `route` sent N calibration tokens: per token, the agreement with the full model, the depth run, how
+    many checks ran; and per checked layer, how many tokens reached it and how many exited there."""
+
+    agree: torch.Tensor  # [N] bool
+    depth: torch.Tensor  # [N] float
+    checks: torch.Tensor  # [N] float
+    gates: torch.Tensor  # [N] float: gate estimates computed
+    reached: dict[int, int]
+    exited: dict[int, int]
+    num_layers: int
+
+    @property
+    def agreement(self) -> float:
+        return float(self.agree.float().mean()) if len(self.agree) else 1.0  # no tokens routed: nothing exits
+
+    @property
+    def skip_ratio(self) -> float:
+        return float(1 - self.depth.mean() / self.num_layers) if len(self.depth) else 0.0
+
+    @property
+    def net_saving(self) -> float:
+        """Layers' worth of decoding time saved per token (the skipped layers and, for an exit, the full LM head;
+        minus the checks and gates run): the cost model below, an estimate of the speed-up."""
+        exits = (self.depth < self.num_layers).float()
+        if not len(exits):
+            return 0.0
+        return float(((self.num_layers - self.depth) + LM_HEAD_LAYERS * exits - CHECK_COST_LAYERS * self.checks
+                      - GATE_COST_LAYERS * self.gates).mean())
+
+
+def route(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1,
+          offsets: dict[int, float] | None = None, margins: dict[int, float] | None = None) -> Routing:
+    """Exit at the first checked layer >= min_layer whose signal < tau_low (+ the layer's offset); where the layer
+    has a gate margin, only tokens whose gate estimate is below that threshold + the margin are checked there.
     Tokens that never exit run full depth and agree by definition (teacher-forced: no KV-fill effects)."""
     layers = sorted(l for l in stats if l >= min_layer)
-    if not layers:
-        return 1.0, 0.0
-    n = stats[layers[0]].predicted.shape[0]
+    n = stats[layers[0]].predicted.shape[0] if layers else 0
     exited = torch.zeros(n, dtype=torch.bool)
     agree = torch.ones(n, dtype=torch.bool)
     depth = torch.full((n,), float(num_layers))
+    checks, gates = torch.zeros(n), torch.zeros(n)
+    reached, out = {}, {}
     for l in layers:
-        go = (~exited) & (stats[l].predicted < tau_low + (offsets or {}).get(l, 0.0))
+        reaching = ~exited
+        threshold = tau_low + (offsets or {}).get(l, 0.0)
+        checked = reaching
+        if margins and l in margins and stats[l].gate is not None:
+            gates += reaching.float()
+            checked = reaching & (stats[l].gate < threshold + margins[l])
+        checks += checked.float()
+        go = checked & (stats[l].predicted < threshold)
         agree[go] = stats[l].agree[go]
         depth[go] = float(l)
         exited |= go
-    return float(agree.float().mean()), float(1 - depth.mean() / num_layers)
+        reached[l], out[l] = int(reaching.sum()), int(go.sum())
+    return Routing(agree, depth, checks, gates, reached, out, num_layers)
+
+
+def simulate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1,
+             offsets: dict[int, float] | None = None, margins: dict[int, float] | None = None
+             ) -> tuple[float, float]:
+    """(agreement, skip_ratio) of `route`."""
+    r = route(stats, num_layers, tau_low, min_layer, offsets, margins)
+    return r.agreement, r.skip_ratio
 
 
 def exit_rates(stats: dict[int, LayerStats], tau_low: float, min_layer: int = 1,
                offsets: dict[int, float] | None = None) -> dict[int, float]:
-    """Per checked layer: the fraction of the tokens reaching it that exit there (as `simulate` routes them)."""
-    layers = sorted(l for l in stats if l >= min_layer)
-    rates: dict[int, float] = {}
-    if not layers:
-        return rates
-    exited = torch.zeros(stats[layers[0]].predicted.shape[0], dtype=torch.bool)
-    for l in layers:
-        reaching = ~exited
-        go = reaching & (stats[l].predicted < tau_low + (offsets or {}).get(l, 0.0))
-        rates[l] = float(go.sum()) / max(1, int(reaching.sum()))
-        exited |= go
-    return rates
+    """Per checked layer: the fraction of the tokens reaching it that exit there (as `route` sends them)."""
+    r = route(stats, 0, tau_low, min_layer, offsets)  # (the rates do not depend on the depth)
+    return {l: r.exited[l] / max(1, r.reached[l]) for l in r.reached}
 
 
 # Costs in units of one decoder layer (0.875 ms), measured while decoding the default model with the matmul kernel
 # (one row): a check (translator + reduced head of ~4k ids) 0.47 ms, the full LM head 2.1-3.5 ms, which an exit
-# avoids.
+# avoids; a gate (one dot product with the hidden state, and reading the result) GATE_COST_LAYERS.
 CHECK_COST_LAYERS = 0.55
 LM_HEAD_LAYERS = 3.2
+GATE_COST_LAYERS = 0.02
+GATE_KEEP = (0.8, 0.9, 0.95, 0.98, 0.99)  # the shares of the exits the gate lets through that calibration tries
 
 
 def choose_check_layers(stats: dict[int, LayerStats], num_layers: int, tau_low: float, min_layer: int = 1,
@@ -150,15 +198,49 @@ def calibrate(stats: dict[int, LayerStats], final_entropy: torch.Tensor, num_lay
         check_layers = choose_check_layers(stats, num_layers, tau_low, min_layer, offsets)
         stats = {l: stats[l] for l in check_layers}
         offsets = {l: v for l, v in offsets.items() if l in stats}
-    agreement, skip = simulate(stats, num_layers, tau_low, min_layer, offsets)
+    margins: dict[int, float] = {}
+    if target_agreement is not None and all(s.gate is not None for s in stats.values()):
+        margins, tau_low = calibrate_gate(stats, num_layers, tau_low, target_agreement, min_layer, offsets)
+    routing = route(stats, num_layers, tau_low, min_layer, offsets, margins)
+    agreement, skip = routing.agreement, routing.skip_ratio
     return Calibration(
-        check_layers=check_layers,
+        check_layers=check_layers, gate_margins={l: round(v, 4) for l, v in margins.items()},
+        checks_per_token=round(float(routing.checks.mean()), 4),
         tau_low=round(tau_low, 4), tau_high=round(max(tau_high, tau_low + 0.1), 4),
         entropy_threshold_min=round(min(p20, tau_low), 4), method=method, target_agreement=target_agreement,
         min_layer=min_layer, agreement=round(agreement, 4), skip_ratio=round(skip, 4),
         oracle_skip_ratio=round(oracle, 4), sweep=sweep,
         layer_offsets={l: round(v, 4) for l, v in offsets.items()},
     )
+
+
+def calibrate_gate(stats: dict[int, LayerStats], num_layers: int, tau_low: float, target: float,
+                   min_layer: int = 1, offsets: dict[int, float] | None = None) -> tuple[dict[int, float], float]:
+    """Gate margins and the tau_low that go with them: for each share `keep` in GATE_KEEP, each layer's margin
+    lets through that share of the tokens that exit there at `tau_low` (the margin: that quantile of their gate
+    estimate minus the layer's threshold); then tau_low moves (the margins move with it) to the value that saves
+    the most (Routing.net_saving) while the agreement stays at or above `target`. Returns ({}, tau_low) when no
+    gate saves more than checking every token."""
+    layers = sorted(l for l in stats if l >= min_layer)
+    if not layers:
+        return {}, tau_low
+    ungated = route(stats, num_layers, tau_low, min_layer, offsets)
+    best: tuple[float, dict[int, float], float] = (ungated.net_saving, {}, tau_low)
+    shifts = torch.linspace(-0.5, 1.0, 31).tolist()
+    for keep in GATE_KEEP:
+        margins = {}
+        exited = torch.zeros(stats[layers[0]].predicted.shape[0], dtype=torch.bool)
+        for l in layers:
+            threshold = tau_low + (offsets or {}).get(l, 0.0)
+            go = (~exited) & (stats[l].predicted < threshold)
+            exited |= go
+            if bool(go.any()):
+                margins[l] = float(torch.quantile(stats[l].gate[go].float(), keep)) - threshold
+        for shift in shifts:
+            r = route(stats, num_layers, tau_low + shift, min_layer, offsets, margins)
+            if r.agreement >= target and r.net_saving > best[0] + 1e-6:
+                best = (r.net_saving, margins, tau_low + shift)
+    return best[1], best[2]
 
 
 def optimize_offsets(stats: dict[int, LayerStats], num_layers: int, tau_low: float, target: float,
@@ -205,6 +287,9 @@ def calibrate_heads(bundle: Any, heads: Any, data: Any, *, target_agreement: flo
     if signal == "reduced":
         vocab = reduced_base_vocab(heads.draft_vocab, int(bundle.model.lm_head.weight.shape[0]), decision_vocab_size)
     stats = layer_stats_from(exit_stats(heads, data, bundle, decision_vocab=vocab))
+    if signal == "reduced" and set(heads.gate_w) >= set(stats):  # the gate estimates the reduced signal
+        for l, st in stats.items():
+            st.gate = heads.gate_estimate(l, data.hidden[l].float())
     cal = calibrate(stats, data.final_entropy, bundle.num_layers, target_agreement=target_agreement,
                     min_layer=min_layer, prune_checks=signal == "reduced")
     cal.signal = signal

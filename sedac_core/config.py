@@ -43,6 +43,9 @@ class SedacSection:
     # token's pass) or "propagate" (CALM's state propagation); enable_ghost_kv: true puts Ghost KV in their place
     kv_fill: str = "deferred"
     enable_ghost_kv: bool = False
+    # exit mode: a token whose calibrated gate (one dot product per checked layer) puts it far from exiting skips
+    # that layer's check; false checks every token at every checked layer
+    exit_gate: bool = True
     enable_o1_reasoning: bool = False
     adaptive_threshold: bool = True
     # tau_low: tokens whose exit entropy (bits) is below it may exit early

@@ -164,6 +164,8 @@ class SedacEngine:
         self.exit_heads: ExitHeads | None = None
         self._decision_head: Any = None  # speculative.ReducedHead when the calibration's exit signal is "reduced"
         self._check_layers: frozenset[int] = frozenset()
+        self._gate_margins: dict[int, float] = {}  # checked layer -> the calibrated gate margin (bits)
+        self.exit_gate = bool(self.config.sedac.exit_gate)  # use the gate (where calibration gave margins)
         # how skipped layers get K/V at an exited position (sedac.kv_fill): "deferred" (the true K/V, computed
         # later: the exited rows ride along with the next token's pass through the layers they skipped, which on a
         # memory-bound CPU costs little) or "propagate" (CALM's state propagation); or "ghost" (Ghost KV: a learned
@@ -248,7 +250,10 @@ class SedacEngine:
         wanted = cal.get("check_layers")
         self._check_layers = frozenset(int(l) for l in (heads.layers if wanted is None else wanted))
         self._decision_head = None
+        self._gate_margins = {}
         if cal.get("signal") == "reduced":
+            self._gate_margins = {int(l): float(m) for l, m in (cal.get("gate_margins") or {}).items()
+                                  if int(l) in heads.gate_w}
             from .calibration import DECISION_VOCAB_SIZE
             from .speculative import ReducedHead
 
@@ -524,7 +529,8 @@ class SedacEngine:
         for layer in a.layers:
             x = a.layer_forward(layer, x, cache, pos, cos, sin)
             depth = layer.index + 1
-            if depth not in checked or depth < self.policy.min_layer:
+            if depth not in checked or depth < self.policy.min_layer or self._gated_out(depth, x[:, -1], tau_low,
+                                                                                         estimates):
                 continue
             est, reduced, normed = self._exit_estimate(depth, x[:, -1])
             estimates[depth] = est
@@ -543,6 +549,20 @@ class SedacEngine:
         cache.length = pos + 1
         cache.token_ids[pos:] = [token_id]
         return a.logits(x[:, -1])[0], self.num_layers, estimates
+
+    def _gated_out(self, depth: int, state: torch.Tensor, tau_low: float, estimates: dict[int, float]) -> bool:
+        """The gate: where calibration gave this layer a margin, a row whose gate estimate (one dot product with
+        the raw state [1, H]) is at or above the layer's threshold + the margin skips the check here, its estimate
+        recorded as the layer's entropy."""
+        margin = self._gate_margins.get(depth)
+        if margin is None or not self.exit_gate:
+            return False
+        assert self.exit_heads is not None
+        est = float(self.exit_heads.gate_estimate(depth, state[0]))
+        if est < tau_low + self.policy.layer_offsets.get(depth, 0.0) + margin:
+            return False
+        estimates[depth] = est
+        return True
 
     def _exit_estimate(self, depth: int, state: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
         """The exit signal at a checked layer for one row's state [1, H]: (estimated entropy in bits, the reduced
@@ -576,6 +596,8 @@ class SedacEngine:
 
         def check(depth: int, x: torch.Tensor) -> bool:
             if depth not in checked or depth < self.policy.min_layer or depth >= self.num_layers:
+                return False
+            if self._gated_out(depth, x[:, -1], self._tau_low, estimates):
                 return False
             est, reduced, normed = self._exit_estimate(depth, x[:, -1])
             estimates[depth] = est

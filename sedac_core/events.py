@@ -93,7 +93,8 @@ class GenerationStart(Event):
 class TokenEvent(Event):
     """One generated token. `exit_layer` is the number of decoder layers that ran for it (= num_layers at full
     depth). `layer_entropies` maps a layer index (1-based: the output of layer i) to the entropy in bits seen
-    there, for the layers that were checked (all of them when tracing)."""
+    there, for the layers that were checked (all of them when tracing; where the exit gate skipped a check, its
+    estimate)."""
 
     type: ClassVar[str] = "token"
     generation_id: int = 0

@@ -1,8 +1,10 @@
 """Exit heads: per exit layer, a translator (an affine map, tuned-lens style) that turns the layer's hidden state
 into an estimate of the final hidden state, so that `lm_head(norm(translator(h_l)))` predicts the final
 distribution; and a probe (a linear map on the translated state) that estimates that exit's entropy in bits, so
-the exit decision costs ~one dot product instead of a full-vocabulary LM head. Trained from the model's own
-generations; saved as safetensors + JSON in a per-model profile."""
+the exit decision costs ~one dot product instead of a full-vocabulary LM head; and a gate (a linear map on the
+layer's raw hidden state) that estimates the exit signal before the translator runs, so that a token far from
+exiting skips the check. Trained from the model's own generations; saved as safetensors + JSON in a per-model
+profile."""
 
 from __future__ import annotations
 
@@ -50,6 +52,10 @@ class ExitHeads:
     # the model's own text: its greedy next token at every position of its answers to the training prompts, one
     # prompt after another, each ended by -1 (lossless mode drafts continuations from it: speculative.Continuations)
     draft_text: torch.Tensor | None = None
+    # the gate, per layer: [H] and a bias, estimating the exit signal (bits) from the raw hidden state h_l (before
+    # the translator): h_l . w + c. Empty in profiles trained before it: every token is checked then.
+    gate_w: dict[int, torch.Tensor] = field(default_factory=dict)
+    gate_b: dict[int, float] = field(default_factory=dict)
 
     def translate(self, layer: int, h: torch.Tensor, linear: Callable[..., torch.Tensor] | None = None
                   ) -> torch.Tensor:
@@ -62,10 +68,15 @@ class ExitHeads:
     def predicted_entropy(self, layer: int, normed_t: torch.Tensor) -> torch.Tensor:
         return normed_t @ self.probe_w[layer] + self.probe_b[layer]
 
+    def gate_estimate(self, layer: int, h: torch.Tensor) -> torch.Tensor:
+        """The gate's estimate of the exit signal (bits) from the raw hidden state h [..., H]."""
+        return h @ self.gate_w[layer] + self.gate_b[layer]
+
     def to(self, device: Any, dtype: torch.dtype) -> "ExitHeads":
         conv = lambda d: {k: v.to(device=device, dtype=dtype) for k, v in d.items()}  # noqa: E731
         return ExitHeads(self.layers, self.hidden_size, conv(self.translator_w), conv(self.translator_b),
-                         conv(self.probe_w), dict(self.probe_b), dict(self.meta), self.draft_vocab, self.draft_text)
+                         conv(self.probe_w), dict(self.probe_b), dict(self.meta), self.draft_vocab, self.draft_text,
+                         conv(self.gate_w), dict(self.gate_b))
 
     # -- persistence ------------------------------------------------------------------------------------------
     def save(self, directory: Path) -> None:
@@ -78,13 +89,16 @@ class ExitHeads:
             tensors[f"translator.{l}.weight"] = self.translator_w[l].float().contiguous()
             tensors[f"translator.{l}.bias"] = self.translator_b[l].float().contiguous()
             tensors[f"probe.{l}.weight"] = self.probe_w[l].float().contiguous()
+            if l in self.gate_w:
+                tensors[f"gate.{l}.weight"] = self.gate_w[l].float().contiguous()
         if self.draft_vocab is not None:
             tensors["draft_vocab"] = self.draft_vocab.to(torch.int64).contiguous()
         if self.draft_text is not None:
             tensors["draft_text"] = self.draft_text.to(torch.int32).contiguous()
         meta = dict(self.meta)
         meta.update(version=PROFILE_VERSION, layers=self.layers, hidden_size=self.hidden_size,
-                    probe_bias={str(l): float(self.probe_b[l]) for l in self.layers})
+                    probe_bias={str(l): float(self.probe_b[l]) for l in self.layers},
+                    gate_bias={str(l): float(b) for l, b in self.gate_b.items()})
         tmp_w = directory / ".exit_heads.safetensors.tmp"
         tmp_m = directory / ".exit_heads.json.tmp"
         save_file(tensors, str(tmp_w))
@@ -115,9 +129,14 @@ class ExitHeads:
                 meta=meta,
                 draft_vocab=tensors.get("draft_vocab"),
                 draft_text=tensors.get("draft_text"),
+                gate_w={l: tensors[f"gate.{l}.weight"] for l in layers if f"gate.{l}.weight" in tensors},
+                gate_b={int(l): float(b) for l, b in meta.get("gate_bias", {}).items()},
             )
+            if set(heads.gate_w) != set(heads.gate_b):
+                raise ValueError("gate weights and biases do not match")
             for l in layers:
-                if heads.translator_w[l].shape != (hs, hs) or heads.probe_w[l].shape != (hs,):
+                if heads.translator_w[l].shape != (hs, hs) or heads.probe_w[l].shape != (hs,) or (
+                        l in heads.gate_w and heads.gate_w[l].shape != (hs,)):
                     raise ValueError("tensor shapes do not match hidden_size")
         except Exception as exc:  # noqa: BLE001 - any damage is the same problem to the user
             raise ProfileError(
@@ -466,6 +485,14 @@ def fit_probe(normed_t: torch.Tensor, entropy: torch.Tensor, ridge: float = 1e-2
     return w[:, 0].contiguous(), float(b[0])
 
 
+def fit_gates(heads: ExitHeads, data: ExitData, signal: dict[int, torch.Tensor], ridge: float = 1e-2) -> None:
+    """Fit each layer's gate: least squares from the raw hidden state to the exit signal (`signal[l]`, bits,
+    per row of `data`: exit_stats' "predicted" with the decision vocabulary)."""
+    for l in heads.layers:
+        w, b = fit_translator(data.hidden[l], signal[l].unsqueeze(1), ridge)
+        heads.gate_w[l], heads.gate_b[l] = w[:, 0].contiguous(), float(b[0])
+
+
 def split_by_prompt(data: ExitData, held_out: float = 0.2, seed: int = 0) -> tuple[ExitData, ExitData]:
     groups = torch.unique(data.group)
     gen = torch.Generator().manual_seed(seed)
@@ -479,7 +506,7 @@ def split_by_prompt(data: ExitData, held_out: float = 0.2, seed: int = 0) -> tup
 def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epochs: int = 0,
                      kl_dtype: str = "auto", progress: Progress | None = None) -> tuple[ExitHeads, dict[str, Any]]:
     """Fit translators (least squares, then optional KL epochs, their LM-head matmuls in `kl_dtype`: see
-    kl_matmul_dtype) and probes on the training split; report the held-out agreement per layer."""
+    kl_matmul_dtype), probes and gates on the training split; report the held-out agreement per layer."""
     train, test = split_by_prompt(data)
     lm_head, norm_w, eps = _lm_head_parts(bundle)
     matmul_dtype = kl_matmul_dtype(lm_head, kl_dtype) if kl_epochs else torch.float32
@@ -497,24 +524,35 @@ def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epoch
             progress(f"layer {l}: translator fitted", (i + 1) / len(layers))
     heads = ExitHeads(layers, bundle.model.config.hidden_size, tw, tb,
                       {l: torch.zeros(tw[l].shape[0]) for l in layers}, {l: 0.0 for l in layers})
-    # probes: predict each exit's entropy from its normalised translated state
-    stats_train = exit_stats(heads, train, bundle)
+    heads.draft_vocab = build_draft_vocab(train.final_token)
+    # probes: predict each exit's entropy from its normalised translated state; gates: predict the exit signal
+    # (the entropy over the reduced vocabulary the engine decides with) from the raw hidden state
+    from .calibration import DECISION_VOCAB_SIZE
+
+    vocab = reduced_base_vocab(heads.draft_vocab, lm_head.shape[0], DECISION_VOCAB_SIZE)
+    stats_train = exit_stats(heads, train, bundle, decision_vocab=vocab)
     for l in layers:
         nt = _norm(train.hidden[l] @ tw[l] + tb[l], norm_w, eps)
         heads.probe_w[l], heads.probe_b[l] = fit_probe(nt, stats_train[l]["entropy"])
+    fit_gates(heads, train, {l: stats_train[l]["predicted"] for l in layers})
     stats_test = exit_stats(heads, test, bundle)
+    signal_test = exit_stats(heads, test, bundle, decision_vocab=vocab)
     report = {
         "train_tokens": len(train),
         "kl_matmul_dtype": str(matmul_dtype).removeprefix("torch.") if kl_epochs else None,
         "held_out_tokens": len(test),
         "held_out_agreement": {l: round(float(stats_test[l]["agree"].float().mean()), 4) for l in layers},
-        "train_agreement": {l: round(float(stats_train[l]["agree"].float().mean()), 4) for l in layers},
+        # exiting with the argmax over the reduced vocabulary, as the engine does (held_out_agreement: full)
+        "train_agreement_reduced": {l: round(float(stats_train[l]["agree"].float().mean()), 4) for l in layers},
+        "held_out_agreement_reduced": {l: round(float(signal_test[l]["agree"].float().mean()), 4) for l in layers},
         "probe_corr": {l: round(float(torch.corrcoef(torch.stack([stats_test[l]["predicted"],
                                                                    stats_test[l]["entropy"]]))[0, 1]), 4)
                        for l in layers},
+        "gate_corr": {l: round(float(torch.corrcoef(torch.stack([heads.gate_estimate(l, test.hidden[l]),
+                                                                  signal_test[l]["predicted"]]))[0, 1]), 4)
+                      for l in layers},
     }
     heads.meta.update(report)
-    heads.draft_vocab = build_draft_vocab(train.final_token)
     heads.draft_text = build_draft_text(data.final_token, data.group)
     heads.meta["draft_text_tokens"] = len(data)
     return heads, report

@@ -519,6 +519,7 @@ def train(
     typer.echo(f"held-out top-1 agreement per exit layer: {report['held_out_agreement']}")
     typer.echo(f"calibrated tau_low {cal.tau_low} (agreement {cal.agreement:.3f}, skip ratio {cal.skip_ratio:.3f}, "
                f"oracle {cal.oracle_skip_ratio:.3f}); tau_high {cal.tau_high}")
+    _echo_gate(cal, heads)
     typer.echo(f"saved profile to {target}")
 
 
@@ -567,7 +568,19 @@ def calibrate(
                f"agreement {cal.agreement:.3f}, skip ratio {cal.skip_ratio:.3f} (oracle {cal.oracle_skip_ratio:.3f})")
     if cal.check_layers is not None:
         typer.echo(f"signal {cal.signal}: checking layers {cal.check_layers}")
+    _echo_gate(cal, heads)
     typer.echo(f"saved to {target}")
+
+
+def _echo_gate(cal: Any, heads: Any) -> None:
+    """What the calibrated exit gate does, or why there is none."""
+    if cal.gate_margins:
+        margins = ", ".join(f"{l}: {m:+.2f}" for l, m in sorted(cal.gate_margins.items()))
+        typer.echo(f"gate: {cal.checks_per_token:.2f} checks per token (margins in bits: {margins})")
+    elif cal.signal == "reduced" and cal.target_agreement is not None:
+        typer.echo("gate: not used (here it saves no more than checking every token)" if heads.gate_w else
+                   "no exit gate in this profile (trained before gates): every token is checked; "
+                   "retrain with `sedac-chat train` to get one")
 
 
 @app.command()

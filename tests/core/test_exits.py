@@ -542,3 +542,137 @@ def test_entropy_of_masked_logits_is_the_entropy_over_the_kept_tokens():
     masked = entropy_bits(z.masked_fill(~keep, float("-inf")))
     assert torch.allclose(masked, torch.stack([entropy_bits(z[i][keep[i]]) for i in range(4)]), atol=1e-5)
     assert entropy_bits(torch.tensor([0.0, float("-inf")])) == 0.0  # one token left: certain
+
+
+# -- the gate: a dot product with the raw hidden state that spares a token far from exiting its check ------------
+
+
+def test_training_fits_a_gate_for_every_exit_layer(trained):
+    bundle, data, heads, report = trained
+    assert sorted(heads.gate_w) == heads.layers and sorted(heads.gate_b) == heads.layers
+    assert sorted(report["gate_corr"]) == heads.layers
+    assert all(heads.gate_w[l].shape == (64,) for l in heads.layers)
+
+
+def test_gate_learns_to_estimate_the_exit_signal_from_the_raw_state():
+    """fit_gates: least squares from the hidden state to the signal; on held-out rows it tracks it."""
+    from sedac_core.exits import fit_gates
+
+    g = torch.Generator().manual_seed(0)
+    n, h = 3000, 32
+    hidden = torch.randn(n, h, generator=g) * 2
+    true_w = torch.randn(h, generator=g) * 0.3
+    signal = (hidden @ true_w + 3.0 + 0.3 * torch.randn(n, generator=g)).clamp(min=0)  # entropies are >= 0
+    data = ExitData({5: hidden}, hidden, torch.zeros(n, dtype=torch.long), signal, torch.arange(n) // 30)
+    heads = ExitHeads([5], h, {5: torch.eye(h)}, {5: torch.zeros(h)}, {5: torch.zeros(h)}, {5: 0.0})
+    train, test = split_by_prompt(data)
+    fit_gates(heads, train, {5: signal[torch.isin(data.group, torch.unique(train.group))]})
+    est = heads.gate_estimate(5, test.hidden[5])
+    assert float(torch.corrcoef(torch.stack([est, test.final_entropy]))[0, 1]) > 0.95
+    assert abs(float((est - test.final_entropy).mean())) < 0.1  # no bias: the margin means bits
+
+
+def test_profile_round_trip_keeps_the_gate_and_loads_older_profiles_without_one(trained, tmp_path):
+    import copy
+
+    _, _, heads, _ = trained
+    heads.save(tmp_path / "p")
+    again = ExitHeads.load(tmp_path / "p")
+    for l in heads.layers:
+        assert torch.equal(again.gate_w[l], heads.gate_w[l]) and again.gate_b[l] == pytest.approx(heads.gate_b[l])
+    old = copy.deepcopy(heads)
+    old.gate_w, old.gate_b = {}, {}
+    old.meta.pop("gate_bias", None)
+    old.save(tmp_path / "old")
+    loaded = ExitHeads.load(tmp_path / "old")
+    assert loaded.gate_w == {} and loaded.gate_b == {}
+
+
+def _gated_stats(noise, n=6000, seed=0):
+    stats = _synthetic_stats(n=n, seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    for st in stats.values():
+        st.gate = st.predicted + noise * torch.randn(n, generator=g)
+    return stats
+
+
+def test_calibrated_gate_spares_checks_and_keeps_the_target():
+    from sedac_core.calibration import route
+
+    fe = torch.rand(6000, generator=torch.Generator().manual_seed(1)) * 6
+    plain = calibrate(_synthetic_stats(n=6000), fe, 30, target_agreement=0.95)
+    gated = calibrate(_gated_stats(0.3), fe, 30, target_agreement=0.95)
+    assert plain.gate_margins == {} and set(gated.gate_margins) == {10, 20, 28}
+    assert gated.agreement >= 0.95
+    assert gated.checks_per_token < 0.8 * plain.checks_per_token  # most far-off tokens skip their checks
+    held = _gated_stats(0.3, seed=7)
+    r = route(held, 30, gated.tau_low, offsets=gated.layer_offsets, margins=gated.gate_margins)
+    assert r.agreement >= 0.95 - 0.02  # on fresh data too
+    ungated = route(held, 30, plain.tau_low, offsets=plain.layer_offsets)
+    assert r.net_saving > ungated.net_saving  # it pays: fewer checks for about the same exits
+    assert gated.to_meta()["gate_margins"] == {str(l): m for l, m in gated.gate_margins.items()}
+
+
+def test_a_gate_that_knows_nothing_is_not_used():
+    fe = torch.rand(6000, generator=torch.Generator().manual_seed(1)) * 6
+    stats = _gated_stats(0.0)
+    for st in stats.values():
+        st.gate = torch.rand(6000, generator=torch.Generator().manual_seed(3)) * 4  # unrelated to the signal
+    cal = calibrate(stats, fe, 30, target_agreement=0.95)
+    assert cal.gate_margins == {} and cal.agreement >= 0.95
+
+
+@pytest.mark.parametrize("fill", ["propagate", "deferred"])
+def test_engine_gate_skips_checks_and_otherwise_changes_nothing(trained, fill):
+    """A row whose gate estimate is at or above the layer's threshold + margin is not checked there (the reduced
+    head does not run; its estimate is reported); with a margin no row reaches, decoding is as without a gate."""
+    import copy
+
+    bundle, _, heads, _ = trained
+    heads = copy.deepcopy(heads)
+    base = {"tau_low": 6.5, "signal": "reduced", "decision_vocab_size": 24, "check_layers": [1, 2, 3]}
+    runs = {}
+    for name, margins in (("none", {}), ("open", {1: 1e4, 2: 1e4, 3: 1e4}), ("shut", {1: -1e4, 2: -1e4, 3: -1e4})):
+        heads.meta["calibration"] = dict(base, gate_margins={str(l): m for l, m in margins.items()})
+        engine = SedacEngine(bundle)
+        engine.use_exit_heads(heads, apply_calibration=False)
+        calls = []
+        inner = engine._decision_head.logits
+        engine._decision_head.logits = lambda x, inner=inner: calls.append(1) or inner(x)
+        runs[name] = (_exit_run(engine, fill, 6.5), len(calls))
+    (none, none_calls), (open_, open_calls), (shut, shut_calls) = runs["none"], runs["open"], runs["shut"]
+    assert open_.token_ids == none.token_ids and open_calls == none_calls > 0
+    assert any(t.exit_layer < 4 for t in none.token_events)  # (the premise: some rows exit without a gate)
+    assert shut_calls == 0 and all(t.exit_layer == 4 for t in shut.token_events)
+    full = SedacEngine(bundle).generate(GenerationRequest(prompt="Hello there", max_new_tokens=24, mode="full",
+                                                          ignore_eos=True))
+    assert shut.token_ids == full.token_ids
+    # a gated-out layer reports the gate's estimate
+    tok = shut.token_events[3]
+    assert sorted(tok.layer_entropies) == [1, 2, 3]
+    ids = bundle.chat.encode([{"role": "user", "content": "Hello there"}]) + shut.token_ids[:3]
+    with torch.no_grad():
+        hidden = bundle.model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    for l in (1, 2, 3):
+        assert tok.layer_entropies[l] == pytest.approx(float(heads.gate_estimate(l, hidden[l][0, -1])), abs=1e-3)
+
+
+def test_calibrate_and_train_say_what_the_gate_does(trained, capsys):
+    import copy
+
+    from sedac_core.calibration import Calibration
+    from sedac_tui.cli import _echo_gate
+
+    _, _, heads, _ = trained
+    cal = Calibration(tau_low=1.1, tau_high=5.0, entropy_threshold_min=1.1, method="target_agreement",
+                      target_agreement=0.98, min_layer=1, agreement=0.981, skip_ratio=0.099, oracle_skip_ratio=0.3,
+                      signal="reduced", gate_margins={24: 1.58, 14: 1.81}, checks_per_token=1.3985)
+    _echo_gate(cal, heads)
+    assert capsys.readouterr().out == "gate: 1.40 checks per token (margins in bits: 14: +1.81, 24: +1.58)\n"
+    old = copy.deepcopy(heads)
+    old.gate_w, old.gate_b = {}, {}
+    cal.gate_margins = {}
+    _echo_gate(cal, old)
+    assert "no exit gate in this profile" in capsys.readouterr().out
+    _echo_gate(cal, heads)  # a gate that does not pay: calibration left it out
+    assert capsys.readouterr().out.startswith("gate: not used")
