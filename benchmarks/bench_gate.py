@@ -43,24 +43,12 @@ def main() -> None:
     engine = SedacEngine(load_model(a.model or SedacConfig().model.model_name, local=a.local or a.model is None))
     if engine.exit_heads is None:
         raise SystemExit(engine.profile_notice or "no exit heads for this model; run `sedac-chat train`")
-    if not engine._gate_margins:
+    if not engine.gate_margins:
         raise SystemExit("the profile's calibration has no gate margins: run `sedac-chat calibrate` (after `train`)")
     engine.set_adaptive(False)
     taus = {"gate": a.tau_low if a.tau_low is not None else engine.tau_low}
     taus["no gate"] = a.no_gate_tau_low if a.no_gate_tau_low is not None else taus["gate"]
     engine.set_thresholds(tau_high=max(engine.tau_high, *taus.values()) + 1.0, source="user")
-    counts = {"checks": 0, "gates": 0}
-    estimate, gated_out = engine._exit_estimate, engine._gated_out
-
-    def counted_estimate(*args):  # noqa: ANN002, ANN202
-        counts["checks"] += 1
-        return estimate(*args)
-
-    def counted_gate(depth, state, tau_low, estimates):  # noqa: ANN001, ANN202
-        counts["gates"] += depth in engine._gate_margins and engine.exit_gate
-        return gated_out(depth, state, tau_low, estimates)
-
-    engine._exit_estimate, engine._gated_out = counted_estimate, counted_gate
     prompts = BENCH_PROMPTS[: a.prompts]
     rows = {name: {"time": 0.0, "tokens": 0, "checks": 0, "gates": 0, "agree": 0, "skipped": 0, "layers": 0,
                    "forced": 0} for name in ("full", *SETTINGS)}
@@ -70,7 +58,7 @@ def main() -> None:
         if name in taus:
             engine.set_thresholds(tau_low=taus[name], source="user")
         engine.reset()
-        counts.update(checks=0, gates=0)
+        engine.exit_checks = engine.gate_estimates = 0
         req = GenerationRequest(prompt=prompt, max_new_tokens=a.max_new_tokens, ignore_eos=True,
                                 mode="full" if name == "full" else "exit", forced_tokens=forced)
         t0 = time.perf_counter()
@@ -88,8 +76,8 @@ def main() -> None:
                 row = rows[name]
                 row["time"] += dt
                 row["tokens"] += len(res.token_ids)
-                row["checks"] += counts["checks"]
-                row["gates"] += counts["gates"]
+                row["checks"] += engine.exit_checks
+                row["gates"] += engine.gate_estimates
             if r == 0:  # teacher-forced quality (deterministic: once)
                 for name in SETTINGS:
                     res, _ = run(name, prompt, forced=ref.token_ids)
@@ -100,7 +88,7 @@ def main() -> None:
                         row["skipped"] += t.num_layers - t.exit_layer
                         row["layers"] += t.num_layers
     full_rate = rows["full"]["tokens"] / rows["full"]["time"]
-    report = {"tau_low": taus, "gate_margins": engine._gate_margins, "prompts": len(prompts),
+    report = {"tau_low": taus, "gate_margins": engine.gate_margins, "prompts": len(prompts),
               "max_new_tokens": a.max_new_tokens, "rounds": a.rounds, "settings": {}}
     for name, row in rows.items():
         rate = row["tokens"] / row["time"]

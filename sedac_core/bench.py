@@ -115,6 +115,7 @@ def run_decode_bench(
     exact: dict[str, list[bool]] = {m: [] for m in modes}
     agreement: dict[str, list[float]] = {m: [] for m in modes}
     exit_layers: dict[str, list[float]] = {m: [] for m in modes}
+    checks: dict[str, int] = {m: 0 for m in modes}  # exit checks run in the timed runs (engine.exit_checks)
     # (drafted, accepted, rounds, copied, copied accepted, own text, own text accepted)
     drafts: dict[str, list[tuple[int, ...]]] = {m: [] for m in modes}
     for r in range(rounds):
@@ -126,7 +127,9 @@ def run_decode_bench(
                     dt, ids = run_hf(prompt)
                     got[name] = (dt, ids, None)
                 else:
+                    before = engine.exit_checks
                     got[name] = run_mode(name, prompt)
+                    checks[name] += engine.exit_checks - before
                 times[name].append(got[name][0])
             ref = got["hf"][1]
             for m in modes:
@@ -178,6 +181,8 @@ def run_decode_bench(
             "avg_exit_layer": round(statistics.mean(exit_layers[m]), 2),
             "skip_ratio": round(1 - statistics.mean(exit_layers[m]) / engine.num_layers, 4),
         }
+        if m == "exit":  # what deciding cost: checks (translator + reduced head) per generated token
+            report["modes"][m]["checks_per_token"] = round(checks[m] / (n_tokens * len(times[m])), 3)
         if m == "lossless":
             drafted, accepted, n_rounds, copied, copied_ok, own, own_ok = (sum(x[i] for x in drafts[m])
                                                                            for i in range(7))
@@ -204,6 +209,8 @@ def run_decode_bench(
                    f" {row['agreement']:>6.3f} {row['skip_ratio']:>6.3f} {row['avg_exit_layer']:>6.1f}")
         echo(f"{m:<10} {row['tok_per_s']:>8.1f} {row['speedup_vs_hf']:>6.2f}x {row['speedup_vs_full']:>7.2f}x "
              f"{row['exact_match']:>6.2f}{quality}")
+        if "checks_per_token" in row:
+            echo(f"{'':<10} {row['checks_per_token']:.2f} exit checks per token")
         if "acceptance_rate" in row:
             echo(f"{'':<10} drafts at layer {row['draft_layer']}: acceptance {row['acceptance_rate']:.3f}, "
                  f"{row['avg_draft_len']:.2f} drafted and {row['tokens_per_round']:.2f} tokens per verification")

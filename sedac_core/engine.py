@@ -166,6 +166,9 @@ class SedacEngine:
         self._check_layers: frozenset[int] = frozenset()
         self._gate_margins: dict[int, float] = {}  # checked layer -> the calibrated gate margin (bits)
         self.exit_gate = bool(self.config.sedac.exit_gate)  # use the gate (where calibration gave margins)
+        # exit mode's running counts (benchmarks read them): checks run (translator + decision head), gate
+        # estimates computed, and checks the gate spared
+        self.exit_checks = self.gate_estimates = self.gate_skips = 0
         # how skipped layers get K/V at an exited position (sedac.kv_fill): "deferred" (the true K/V, computed
         # later: the exited rows ride along with the next token's pass through the layers they skipped, which on a
         # memory-bound CPU costs little) or "propagate" (CALM's state propagation); or "ghost" (Ghost KV: a learned
@@ -275,6 +278,11 @@ class SedacEngine:
     @property
     def mode(self) -> str:
         return self._mode
+
+    @property
+    def gate_margins(self) -> dict[int, float]:
+        """The exit gate's calibrated margins (bits) per checked layer; empty: every token is checked."""
+        return dict(self._gate_margins)
 
     @property
     def tau_low(self) -> float:
@@ -559,9 +567,11 @@ class SedacEngine:
             return False
         assert self.exit_heads is not None
         est = float(self.exit_heads.gate_estimate(depth, state[0]))
+        self.gate_estimates += 1
         if est < tau_low + self.policy.layer_offsets.get(depth, 0.0) + margin:
             return False
         estimates[depth] = est
+        self.gate_skips += 1
         return True
 
     def _exit_estimate(self, depth: int, state: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
@@ -570,6 +580,7 @@ class SedacEngine:
         a = self.anatomy
         heads = self.exit_heads
         assert heads is not None
+        self.exit_checks += 1
         normed = a.rms_norm(heads.translate(depth, state, a.linear), a.final_norm_w)
         if self._decision_head is not None:  # the entropy over the reduced vocabulary; its argmax is the exit token
             reduced = self._decision_head.logits(normed)[0]

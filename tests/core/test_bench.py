@@ -27,6 +27,7 @@ def test_bench_reports_every_mode(tmp_path):
     assert full["speedup_vs_full"] > 0 and full["speedup_vs_hf"] > 0
     # no profile for this model: exit mode falls back to full depth, so it agrees exactly too
     assert report["modes"]["exit"]["exact_match"] == 1.0
+    assert report["modes"]["exit"]["checks_per_token"] == 0.0  # (and so no exit checks ran)
     assert json.loads((tmp_path / "b.json").read_text())["max_new_tokens"] == 10
     assert (tmp_path / "b.png").read_bytes()[:4] == b"\x89PNG"
     assert any("vs full" in line for line in lines)

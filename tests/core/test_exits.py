@@ -640,6 +640,9 @@ def test_engine_gate_skips_checks_and_otherwise_changes_nothing(trained, fill):
         inner = engine._decision_head.logits
         engine._decision_head.logits = lambda x, inner=inner: calls.append(1) or inner(x)
         runs[name] = (_exit_run(engine, fill, 6.5), len(calls))
+        assert engine.exit_checks == len(calls)  # the engine counts what ran (benchmarks read it)
+        assert engine.gate_estimates == (0 if name == "none" else engine.gate_skips + engine.exit_checks)
+        assert engine.gate_skips == (engine.gate_estimates if name == "shut" else 0)
     (none, none_calls), (open_, open_calls), (shut, shut_calls) = runs["none"], runs["open"], runs["shut"]
     assert open_.token_ids == none.token_ids and open_calls == none_calls > 0
     assert any(t.exit_layer < 4 for t in none.token_events)  # (the premise: some rows exit without a gate)
