@@ -169,6 +169,7 @@ class SedacEngine:
         # exit mode's running counts (benchmarks read them): checks run (translator + decision head), gate
         # estimates computed, and checks the gate spared
         self.exit_checks = self.gate_estimates = self.gate_skips = 0
+        self._gated: list[int] = []  # the current token's layers whose check the gate spared
         # how skipped layers get K/V at an exited position (sedac.kv_fill): "deferred" (the true K/V, computed
         # later: the exited rows ride along with the next token's pass through the layers they skipped, which on a
         # memory-bound CPU costs little) or "propagate" (CALM's state propagation); or "ghost" (Ghost KV: a learned
@@ -572,6 +573,7 @@ class SedacEngine:
             return False
         estimates[depth] = est
         self.gate_skips += 1
+        self._gated.append(depth)
         return True
 
     def _exit_estimate(self, depth: int, state: torch.Tensor) -> tuple[float, torch.Tensor | None, torch.Tensor]:
@@ -740,6 +742,7 @@ class SedacEngine:
             decision_head.begin(prompt_ids, banned)
         t0 = time.perf_counter()
         logits, layer_ent = self._forward(prompt_ids[reuse:], reuse, req.trace)
+        gated: tuple[int, ...] = ()  # the layers whose exit check the gate spared, for the token `logits` gives
         prefill_s = time.perf_counter() - t0
         step_ms = prefill_s * 1000
         for index in range(max_new):
@@ -809,7 +812,7 @@ class SedacEngine:
                 num_layers=self.num_layers, entropy_bits=float(stats.entropy_bits[0]),
                 confidence=float(stats.max_prob[0]),
                 decision="o1" if o1 is not None else "exit" if cur_exit < self.num_layers else "full",
-                draft=draft_state, layer_entropies=layer_ent,
+                draft=draft_state, layer_entropies=layer_ent, gated_layers=gated,
                 top_tokens=top_tokens, time_ms=step_ms, position=pos,
             ))
             # adaptive thresholds learn from real generations only (teacher forcing is a measurement); in exit mode
@@ -848,7 +851,9 @@ class SedacEngine:
             elif use_exit:
                 if decision_head is not None:
                     decision_head.observe(next_id)
+                self._gated = []
                 logits, cur_exit, layer_ent = self._forward_exit(next_id, pos)
+                gated = tuple(self._gated)
             else:
                 logits, layer_ent = self._forward([next_id], pos, req.trace)
             step_ms = (time.perf_counter() - t0) * 1000

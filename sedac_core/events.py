@@ -36,7 +36,7 @@ class Event:
         kwargs = {k: v for k, v in data.items() if k in names}
         if cls is TokenEvent and "layer_entropies" in kwargs and kwargs["layer_entropies"] is not None:
             kwargs["layer_entropies"] = {int(k): float(v) for k, v in kwargs["layer_entropies"].items()}
-        for name in ("top_tokens", "candidates"):
+        for name in ("top_tokens", "candidates", "gated_layers"):
             if name in kwargs and kwargs[name] is not None:
                 kwargs[name] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[name])
         try:
@@ -93,8 +93,8 @@ class GenerationStart(Event):
 class TokenEvent(Event):
     """One generated token. `exit_layer` is the number of decoder layers that ran for it (= num_layers at full
     depth). `layer_entropies` maps a layer index (1-based: the output of layer i) to the entropy in bits seen
-    there, for the layers that were checked (all of them when tracing; where the exit gate skipped a check, its
-    estimate)."""
+    there, for the layers that were checked (all of them when tracing); `gated_layers` are the checked layers whose
+    check the exit gate spared: their value is the gate's estimate."""
 
     type: ClassVar[str] = "token"
     generation_id: int = 0
@@ -108,6 +108,7 @@ class TokenEvent(Event):
     decision: str = "full"  # full | exit | o1
     draft: str | None = None  # None | accepted | rejected | verified
     layer_entropies: Mapping[int, float] | None = None
+    gated_layers: tuple[int, ...] = ()
     top_tokens: tuple[tuple[str, float], ...] = ()
     time_ms: float = 0.0
     position: int = 0  # absolute position in the sequence (prompt included)

@@ -76,7 +76,8 @@ class TokenInspector(Widget, can_focus=True):
                 out.append(f"L{layer:<3}", Style(dim=True))
                 out.append("█" * filled, Style(color=color))
                 out.append(" " * (bar_width - filled))
-                out.append(f" {h:.2f}" + ("  ◆ exit" if layer == tok.exit_layer else "") + "\n")
+                out.append(f" {h:.2f}" + ("  ◆ exit" if layer == tok.exit_layer else "")
+                           + ("  (gate: not checked)" if layer in tok.gated_layers else "") + "\n")
         else:
             out.append("per-layer entropies: not traced for this token\n", Style(dim=True))
         if tok.top_tokens:

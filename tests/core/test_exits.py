@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -650,9 +652,14 @@ def test_engine_gate_skips_checks_and_otherwise_changes_nothing(trained, fill):
     full = SedacEngine(bundle).generate(GenerationRequest(prompt="Hello there", max_new_tokens=24, mode="full",
                                                           ignore_eos=True))
     assert shut.token_ids == full.token_ids
-    # a gated-out layer reports the gate's estimate
+    # a gated-out layer reports the gate's estimate, and says so
     tok = shut.token_events[3]
-    assert sorted(tok.layer_entropies) == [1, 2, 3]
+    assert sorted(tok.layer_entropies) == [1, 2, 3] and tok.gated_layers == (1, 2, 3)
+    assert all(t.gated_layers == () for t in none.token_events + open_.token_events)
+    assert shut.token_events[0].gated_layers == ()  # (the first token comes from the prefill: no checks)
+    from sedac_core.events import Event
+
+    assert Event.from_json(json.loads(json.dumps(tok.to_json()))) == tok  # recorded and replayed as it was
     ids = bundle.chat.encode([{"role": "user", "content": "Hello there"}]) + shut.token_ids[:3]
     with torch.no_grad():
         hidden = bundle.model(torch.tensor([ids]), output_hidden_states=True).hidden_states

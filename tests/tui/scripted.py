@@ -31,13 +31,14 @@ class Step:
     exit_layer: int
     draft: str | None = None
     decision: str = "exit"
+    gated: tuple[int, ...] = ()  # layers whose exit check the gate spared
 
 
 SCRIPT: tuple[Step, ...] = (
     Step("**SEDAC**", 0.3, 3, "accepted"),
     Step(" exits", 0.9, 5, "accepted"),
     Step(" early", 0.2, 2, "rejected"),
-    Step(" when", 1.4, 6),
+    Step(" when", 1.4, 6, gated=(2,)),
     Step(" tokens", 2.6, 8, decision="full"),
     Step(" are", 0.4, 3),
     Step(" easy", 5.1, 8, decision="o1"),
@@ -157,7 +158,7 @@ class ScriptedEngine:
                 generation_id=gid, index=index, token_id=100 + index, text=step.text, exit_layer=step.exit_layer,
                 num_layers=self.num_layers, entropy_bits=step.entropy_bits, confidence=0.9 - step.entropy_bits / 10,
                 decision=step.decision, draft=step.draft, layer_entropies=layer_entropies,
-                top_tokens=((step.text, 0.7), ("the", 0.1)), time_ms=50.0, position=7 + index))
+                gated_layers=step.gated, top_tokens=((step.text, 0.7), ("the", 0.1)), time_ms=50.0, position=7 + index))
             if step.decision == "o1":
                 yield self._emit(O1Event(generation_id=gid, index=index, entropy_bits=step.entropy_bits,
                                          varentropy=1.5, candidates=(

@@ -303,6 +303,12 @@ async def test_inspector_moves_along_tokens():
         assert app.state.selected == len(SCRIPT) - 3
         text = str(app.query_one("#inspector").render())
         assert f"token {len(SCRIPT) - 2}/{len(SCRIPT)}" in text and "exit layer 7/8" in text
+        assert "(gate" not in text
+        await pilot.press(*["left"] * (len(SCRIPT) - 3 - 3))  # to " when", whose check at layer 2 the gate spared
+        lines = str(app.query_one("#inspector").render()).splitlines()
+        assert app.state.selected == 3 and "exit layer 6/8" in lines[1]
+        assert [line for line in lines if "(gate: not checked)" in line] == [
+            next(line for line in lines if line.startswith("L2 "))]
         await pilot.press("i")
         assert not app.screen.has_class("-inspecting") and app.state.selected is None
 
