@@ -449,8 +449,8 @@ def train(
                                         "later run with the same model and collection options reuses it instead "
                                         "of generating again (e.g. to try other --kl-epochs)."),
 ) -> None:
-    """Train the exit heads (translators + entropy probes) on the model's own answers, calibrate, save a profile
-    (with those answers as lossless mode's draft text)."""
+    """Train the exit heads (translators, entropy probes and exit gates) on the model's own answers, calibrate,
+    save a profile (with those answers as lossless mode's draft text)."""
     from sedac_core.calibration import calibrate_heads
     from sedac_core.exits import (KL_DTYPES, ExitData, collect_exit_data, default_exit_layers, load_prompts,
                                   split_by_prompt, train_exit_heads, user_profile_dir)
