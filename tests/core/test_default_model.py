@@ -70,3 +70,30 @@ def test_lossless_mode_gives_the_full_models_answer(engine, prompt, n, ignore_eo
     assert fast.stop_reason == full.stop_reason
     end = fast.events[-1]
     assert end.drafted > 0 and end.rounds < len(full.token_ids)
+
+
+def test_exit_mode_with_the_shipped_profile_exits_gates_and_agrees(engine):
+    """The shipped profile's calibration applies on load (tau_low, checked layers, gate margins); exit mode skips
+    layers, its gate spares most checks, and, teacher-forced along the full model's answer, it picks the same token
+    nearly everywhere. Through the Python API too."""
+    from sedac_core.pipeline import create_pipeline
+
+    cal = engine.exit_heads.meta["calibration"]
+    assert engine.tau_low == pytest.approx(cal["tau_low"]) and engine.gate_margins
+    assert sorted(engine.gate_margins) == sorted(cal["check_layers"])
+    prompt = "Explain how photosynthesis works."
+    engine.reset()
+    full = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=96, mode="full", ignore_eos=True))
+    engine.reset()
+    before = engine.exit_checks
+    forced = engine.generate(GenerationRequest(prompt=prompt, max_new_tokens=96, mode="exit", ignore_eos=True,
+                                               forced_tokens=full.token_ids))
+    toks = forced.token_events
+    agreement = sum(t.token_id == w for t, w in zip(toks, full.token_ids)) / len(toks)
+    assert agreement >= 0.9  # (the bench prompts average 0.96 at the shipped calibration)
+    assert 0.03 < forced.skip_ratio < 0.5
+    assert any(t.gated_layers for t in toks) and (engine.exit_checks - before) / len(toks) < 3.0
+    engine.reset()
+    pipe = create_pipeline(engine.bundle, config=engine.config)
+    result = pipe(prompt, max_new_tokens=48, mode="exit", ignore_eos=True)
+    assert result.mode == "exit" and result.avg_exit_layer < 30
