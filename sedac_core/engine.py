@@ -524,6 +524,7 @@ class SedacEngine:
         """One token with early exit: at each checked layer the exit signal estimates the exit's entropy
         (_exit_estimate); the first below tau_low exits, and the skipped layers' K/V at this position are filled
         by the KV fill: propagation, Ghost KV, the oracle's full run, or (deferred) later, with the next token."""
+        self._gated = []
         if self.kv_fill == "deferred":
             return self._forward_exit_deferred(token_id, pos)
         a = self.anatomy
@@ -851,7 +852,6 @@ class SedacEngine:
             elif use_exit:
                 if decision_head is not None:
                     decision_head.observe(next_id)
-                self._gated = []
                 logits, cur_exit, layer_ent = self._forward_exit(next_id, pos)
                 gated = tuple(self._gated)
             else:

@@ -450,22 +450,25 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
     """Per exit layer: the exit head's argmax ("token"), its real entropy, the exit signal ("predicted") and
     whether the exit token agrees with the full model. The signal is the probe's estimated entropy, or with
     `decision_vocab` (the "reduced" signal) the entropy over those ids only (plus each row's context tokens when
-    `data` has them, as in the engine), whose argmax is then the exit token."""
+    `data` has them, as in the engine), whose argmax is then the exit token. Either way, also the argmax over the
+    full vocabulary ("full_token") and the probe's estimate ("probe")."""
     from .entropy import entropy_bits
 
     lm_head, norm_w, eps = _lm_head_parts(bundle)
     out: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
         for l in heads.layers:
-            tok, ent, pred = [], [], []
+            tok, ent, pred, full_tok, probe = [], [], [], [], []
             for s in range(0, len(data), batch):
                 t = data.hidden[l][s : s + batch] @ heads.translator_w[l] + heads.translator_b[l]
                 nt = _norm(t, norm_w, eps)
                 logits = nt @ lm_head.T
                 ent.append(entropy_bits(logits))
+                full_tok.append(logits.argmax(-1))
+                probe.append(nt @ heads.probe_w[l] + heads.probe_b[l])
                 if decision_vocab is None:
-                    tok.append(logits.argmax(-1))
-                    pred.append(nt @ heads.probe_w[l] + heads.probe_b[l])
+                    tok.append(full_tok[-1])
+                    pred.append(probe[-1])
                 elif (allowed := data.context_masks(decision_vocab, logits.shape[-1], s, s + len(logits))) is None:
                     reduced = logits[:, decision_vocab]
                     tok.append(decision_vocab[reduced.argmax(-1)])
@@ -476,7 +479,8 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
                     pred.append(entropy_bits(masked))
             tok_t = torch.cat(tok)
             out[l] = {"token": tok_t, "entropy": torch.cat(ent), "predicted": torch.cat(pred),
-                      "agree": (tok_t == data.final_token)}
+                      "agree": (tok_t == data.final_token), "full_token": torch.cat(full_tok),
+                      "probe": torch.cat(probe)}
     return out
 
 
@@ -535,22 +539,19 @@ def train_exit_heads(bundle: Any, data: ExitData, layers: list[int], *, kl_epoch
         nt = _norm(train.hidden[l] @ tw[l] + tb[l], norm_w, eps)
         heads.probe_w[l], heads.probe_b[l] = fit_probe(nt, stats_train[l]["entropy"])
     fit_gates(heads, train, {l: stats_train[l]["predicted"] for l in layers})
-    stats_test = exit_stats(heads, test, bundle)
-    signal_test = exit_stats(heads, test, bundle, decision_vocab=vocab)
+    stats_test = exit_stats(heads, test, bundle, decision_vocab=vocab)
+    rate = lambda x: round(float(x.float().mean()), 4)  # noqa: E731
+    corr = lambda a, b: round(float(torch.corrcoef(torch.stack([a, b]))[0, 1]), 4)  # noqa: E731
     report = {
         "train_tokens": len(train),
         "kl_matmul_dtype": str(matmul_dtype).removeprefix("torch.") if kl_epochs else None,
         "held_out_tokens": len(test),
-        "held_out_agreement": {l: round(float(stats_test[l]["agree"].float().mean()), 4) for l in layers},
+        "held_out_agreement": {l: rate(stats_test[l]["full_token"] == test.final_token) for l in layers},
         # exiting with the argmax over the reduced vocabulary, as the engine does (held_out_agreement: full)
-        "train_agreement_reduced": {l: round(float(stats_train[l]["agree"].float().mean()), 4) for l in layers},
-        "held_out_agreement_reduced": {l: round(float(signal_test[l]["agree"].float().mean()), 4) for l in layers},
-        "probe_corr": {l: round(float(torch.corrcoef(torch.stack([stats_test[l]["predicted"],
-                                                                   stats_test[l]["entropy"]]))[0, 1]), 4)
-                       for l in layers},
-        "gate_corr": {l: round(float(torch.corrcoef(torch.stack([heads.gate_estimate(l, test.hidden[l]),
-                                                                  signal_test[l]["predicted"]]))[0, 1]), 4)
-                      for l in layers},
+        "train_agreement_reduced": {l: rate(stats_train[l]["agree"]) for l in layers},
+        "held_out_agreement_reduced": {l: rate(stats_test[l]["agree"]) for l in layers},
+        "probe_corr": {l: corr(stats_test[l]["probe"], stats_test[l]["entropy"]) for l in layers},
+        "gate_corr": {l: corr(heads.gate_estimate(l, test.hidden[l]), stats_test[l]["predicted"]) for l in layers},
     }
     heads.meta.update(report)
     heads.draft_text = build_draft_text(data.final_token, data.group)
