@@ -539,7 +539,8 @@ def calibrate(
                                "4,096 most frequent output tokens; exits pick among them) or 'probe' (a linear "
                                "estimate of the exit's entropy: cheaper, far less selective)."),
 ) -> None:
-    """Re-calibrate tau_low / tau_high for the model's exit heads and save them in its profile."""
+    """Re-calibrate tau_low / tau_high (and the exit gate's margins) for the model's exit heads and save them in
+    its profile."""
     from sedac_core.calibration import calibrate_heads
     from sedac_core.errors import SedacError
     from sedac_core.exits import ExitHeads, collect_exit_data, find_profile, load_prompts, user_profile_dir
