@@ -95,13 +95,13 @@ def main() -> None:
         out = {"tok_per_s": round(rate, 2), "speedup_vs_full": round(rate / full_rate, 4)}
         if name != "full":
             n = row["tokens"]
-            out.update(tau_low=taus[name], checks_per_token=round(row["checks"] / n, 3), gates_per_token=round(row["gates"] / n, 3),
-                       agreement=round(row["agree"] / row["forced"], 4),
+            out.update(tau_low=taus[name], checks_per_token=round(row["checks"] / n, 3),
+                       gates_per_token=round(row["gates"] / n, 3), agreement=round(row["agree"] / row["forced"], 4),
                        skip_ratio=round(row["skipped"] / row["layers"], 4))
         report["settings"][name] = out
         print(f"{name:8s} " + "  ".join(f"{k} {v}" for k, v in out.items()))
-    print(f"gate vs no gate: {report['settings']['gate']['tok_per_s'] / report['settings']['no gate']['tok_per_s']:.3f}x"
-          f" (tau_low {taus['gate']} / {taus['no gate']})")
+    ratio = report["settings"]["gate"]["tok_per_s"] / report["settings"]["no gate"]["tok_per_s"]
+    print(f"gate vs no gate: {ratio:.3f}x (tau_low {taus['gate']} / {taus['no gate']})")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(report, f, indent=2)

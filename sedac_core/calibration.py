@@ -227,14 +227,8 @@ def calibrate_gate(stats: dict[int, LayerStats], num_layers: int, tau_low: float
     ungated = route(stats, num_layers, tau_low, min_layer, offsets)
     best: tuple[float, dict[int, float], float] = (ungated.net_saving, {}, tau_low)
     # per layer, how far above its threshold the gate puts the tokens that exit there (ungated, at tau_low)
-    above: dict[int, torch.Tensor] = {}
-    exited = torch.zeros(stats[layers[0]].predicted.shape[0], dtype=torch.bool)
-    for l in layers:
-        threshold = tau_low + (offsets or {}).get(l, 0.0)
-        go = (~exited) & (stats[l].predicted < threshold)
-        exited |= go
-        if bool(go.any()):
-            above[l] = stats[l].gate[go].float() - threshold
+    above = {l: stats[l].gate[ungated.depth == l].float() - (tau_low + (offsets or {}).get(l, 0.0))
+             for l in layers if ungated.exited[l]}
     shifts = torch.linspace(-0.5, 1.0, 31).tolist()
     for keep in GATE_KEEP:
         margins = {l: float(torch.quantile(a, keep)) for l, a in above.items()}

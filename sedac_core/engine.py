@@ -570,7 +570,7 @@ class SedacEngine:
         assert self.exit_heads is not None
         est = float(self.exit_heads.gate_estimate(depth, state[0]))
         self.gate_estimates += 1
-        if est < tau_low + self.policy.layer_offsets.get(depth, 0.0) + margin:
+        if est < self.policy.threshold(depth, tau_low) + margin:
             return False
         estimates[depth] = est
         self.gate_skips += 1

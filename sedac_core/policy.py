@@ -18,10 +18,14 @@ class ExitPolicy:
     min_layer: int = 1
     layer_offsets: dict[int, float] = field(default_factory=dict)
 
+    def threshold(self, layer: int, tau_low: float) -> float:
+        """The layer's exit threshold: tau_low plus its calibrated offset."""
+        return tau_low + self.layer_offsets.get(layer, 0.0)
+
     def decide(self, layer: int, entropy_bits: float, tau_low: float) -> str:
         if layer < self.min_layer:
             return CONTINUE
-        return EXIT if entropy_bits < tau_low + self.layer_offsets.get(layer, 0.0) else CONTINUE
+        return EXIT if entropy_bits < self.threshold(layer, tau_low) else CONTINUE
 
     @staticmethod
     def final(entropy_bits: float, tau_high: float) -> str:
