@@ -22,3 +22,27 @@ def test_quick_kernel_bench_writes_json(tmp_path):
     assert all("x_split_read_time" in t for t in result["targets"])
     text = format_kernel_bench(result)
     assert "speedup" in text and "torch:" in text
+
+
+def test_cuda_rows_get_their_own_target_lines():
+    """On a GPU, the fp32 V=151,936 rows are checked against the CUDA target (>= 3x the torch reference)."""
+    from sedac_core.bench_kernels import _targets
+
+    def row(device, backend, batch, speedup):
+        return {"device": device, "backend": backend, "dtype": "float32", "batch": batch, "vocab": 151936,
+                "us_per_row": 1.0, "torch_us_per_row": speedup, "read_us_per_row": 0.5, "speedup_vs_torch": speedup,
+                "read_fraction": 0.5, "gb_per_s": 600.0}
+
+    rows = [row("cuda", "cuda", 1, 2.5), row("cuda", "cuda", 32, 8.0), row("cpu", "cpp", 1, 20.0)]
+    targets = _targets(rows)
+    assert [(t["device"], t["batch"], t["speedup_ok"]) for t in targets] == [
+        ("cuda", 1, False), ("cuda", 32, True), ("cpu", 1, True)]
+    text = format_kernel_bench({"torch": "x", "threads": 1, "cpu_isa": "AVX512", "backends": [], "results": rows,
+                                "targets": targets})
+    assert "targets (cuda fp32, V=151936)" in text and "2.50x faster [MISS]" in text and "8.00x faster [ok]" in text
+    assert "targets (cpu fp32)" in text
+
+
+def test_bench_can_time_one_device_only():
+    result = run_kernel_bench(quick=True, devices=("cuda",))
+    assert all(r["device"] == "cuda" for r in result["results"])  # none at all without a GPU

@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from sedac_core import kernels
-from sedac_core.entropy import DECISION_CONTINUE, token_stats, token_stats_reference
+from sedac_core.entropy import token_stats, token_stats_reference
+from stats_check import (check_close, check_degenerate_rows, check_extreme_rows, degenerate_rows, extreme_rows,
+                         reference64)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -34,43 +36,6 @@ def usable_isas() -> list[int]:
     return sorted(compiled & allowed)
 
 
-def reference64(x: torch.Tensor) -> dict:
-    """Exact-ish statistics in float64 of the (already rounded) input."""
-    z = x.double()
-    lse = torch.logsumexp(z, dim=-1)
-    logp = z - lse.unsqueeze(-1)
-    p = logp.exp()
-    plogp = torch.where(p > 0, p * logp, torch.zeros_like(p))
-    ent = -plogp.sum(-1) / math.log(2)
-    second = torch.where(p > 0, p * logp * logp, torch.zeros_like(p)).sum(-1) / math.log(2) ** 2
-    var = (second - ent * ent).clamp_min(0)
-    maxv = z.max(dim=-1).values
-    first_max = (z == maxv.unsqueeze(-1)).to(torch.int8).argmax(dim=-1)
-    return {"entropy_bits": ent, "varentropy": var, "max_prob": (maxv - lse).exp(), "logsumexp": lse,
-            "argmax": first_max}
-
-
-def check_close(out, x: torch.Tensor, tau_low: float, tau_high: float) -> None:
-    ent, var, maxp, lse, arg, dec = out
-    ref = reference64(x)
-    lead = x.shape[:-1]
-    for t in (ent, var, maxp, lse, arg, dec):
-        assert t.shape == lead
-    assert ent.dtype == torch.float32 and arg.dtype == torch.int64 and dec.dtype == torch.int64
-    torch.testing.assert_close(ent.double(), ref["entropy_bits"], atol=1e-4, rtol=0)
-    # varentropy is a difference of two sums: judge it relative to its scale
-    torch.testing.assert_close(var.double(), ref["varentropy"], atol=2e-4, rtol=2e-4)
-    torch.testing.assert_close(maxp.double(), ref["max_prob"], atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse.double(), ref["logsumexp"], atol=1e-5, rtol=1e-6)
-    assert torch.equal(arg, ref["argmax"])
-    want = torch.where(ent < tau_low, 0, torch.where(ent > tau_high, 2, 1))
-    assert torch.equal(dec, want)
-    # the reference's decisions agree wherever the entropy is not within rounding of a threshold
-    r = token_stats_reference(x, tau_low, tau_high)
-    clear = ((r.entropy_bits - tau_low).abs() > 1e-3) & ((r.entropy_bits - tau_high).abs() > 1e-3)
-    assert torch.equal(dec[clear], r.decision[clear])
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 @pytest.mark.parametrize("shape", [(1, 7), (3, 1000), (2, 3, 4099), (4, 49152), (1, 151936), (2, 262147)])
 def test_random_rows_match_reference(cpu_op, dtype, shape):
@@ -87,59 +52,16 @@ def test_random_rows_match_reference(cpu_op, dtype, shape):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).split(".")[-1])
 def test_extreme_rows(cpu_op, dtype):
-    V = 5003
-    rows = []
-    gen = torch.Generator().manual_seed(1)
-    rows.append(torch.zeros(V))  # uniform: H = log2 V, var 0
-    one_hot = torch.zeros(V)
-    one_hot[1234] = 60.0  # very peaked: H ~ 0
-    rows.append(one_hot)
-    masked = torch.randn(V, generator=gen) * 2
-    masked[::3] = -math.inf  # masked tokens
-    rows.append(masked)
-    only_one = torch.full((V,), -math.inf)
-    only_one[V - 1] = 3.0  # one finite entry, at the very end
-    rows.append(only_one)
-    big = torch.randn(V, generator=gen) * 1e4  # huge spread: effectively one-hot
-    rows.append(big)
-    offset = torch.randn(V, generator=gen) + 1e4  # large magnitude, moderate spread (fp32 only; fp16 overflows)
-    rows.append(offset if dtype != torch.float16 else torch.randn(V, generator=gen) + 6e4)
-    tiny = torch.randn(V, generator=gen) * 1e-30  # near-uniform
-    rows.append(tiny)
-    two_max = torch.randn(V, generator=gen)
-    two_max[100] = two_max[4000] = 20.0  # tie: the first index wins
-    rows.append(two_max)
-    x = torch.stack(rows).to(dtype)
+    x = extreme_rows(dtype)
     for isa in usable_isas():
-        out = cpu_op(x, 0.5, 4.0, isa)
-        check_close(out, x, 0.5, 4.0)
-        assert abs(float(out[0][0]) - math.log2(V)) < 1e-4 and float(out[1][0]) < 1e-4
-        assert float(out[0][1]) < 1e-4 and int(out[4][1]) == 1234 and int(out[5][1]) == 0
-        assert int(out[4][3]) == V - 1 and float(out[2][3]) == 1.0
-        assert int(out[4][7]) == 100
+        check_extreme_rows(cpu_op(x, 0.5, 4.0, isa), x)
 
 
 def test_degenerate_rows_follow_the_reference(cpu_op):
     """NaN anywhere -> NaN stats, argmax at the first NaN; +inf -> NaN entropy, lse +inf; all -inf -> NaN, -inf."""
-    V = 3001
-    x = torch.randn(5, V)
-    x[0, 2000] = math.nan
-    x[0, 2500] = math.nan
-    x[1, 10] = math.inf
-    x[2] = -math.inf
-    x[3, 7] = math.inf
-    x[3, 2999] = math.nan
-    ref = token_stats_reference(x, 0.5, 4.0)
+    x = degenerate_rows()
     for isa in usable_isas():
-        ent, var, maxp, lse, arg, dec = cpu_op(x, 0.5, 4.0, isa)
-        for k in range(4):
-            assert torch.isnan(ent[k]) and torch.isnan(var[k]) and torch.isnan(maxp[k])
-            assert int(dec[k]) == DECISION_CONTINUE == int(ref.decision[k])
-        assert torch.isnan(lse[0]) and int(arg[0]) == 2000 == int(ref.argmax[0])
-        assert lse[1] == math.inf and int(arg[1]) == 10 == int(ref.argmax[1])
-        assert lse[2] == -math.inf and int(arg[2]) == 0 == int(ref.argmax[2])
-        assert torch.isnan(lse[3]) and int(arg[3]) == 2999
-        assert torch.isfinite(ent[4])
+        check_degenerate_rows(cpu_op(x, 0.5, 4.0, isa), x)
 
 
 def test_chunked_rows_match_single_thread(cpu_op):

@@ -1,8 +1,8 @@
-"""The CUDA kernel: a compile-only check with nvcc where nvcc is present, and agreement with the reference on a GPU."""
+"""The CUDA kernel: a compile-only check with nvcc where nvcc is present, and agreement with the reference on a GPU
+(the same checks as the CPU kernel and the emulated run in test_cuda_emulated.py)."""
 
 from __future__ import annotations
 
-import math
 import os
 import re
 import shutil
@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from sedac_core import kernels
-from sedac_core.entropy import token_stats_reference
+from stats_check import check_close, check_degenerate_rows, check_extreme_rows, degenerate_rows, extreme_rows
 
 
 def _nvcc() -> str | None:
@@ -70,42 +70,41 @@ def test_cuda_kernel_builds_and_is_active():
     assert kernels.active_backend("auto") == ("cuda", "cuda: built")
 
 
+@pytest.fixture(scope="module")
+def cuda_op():
+    res = kernels.MANAGER.cuda()
+    assert res.ok, res.reason
+
+    def run(x: torch.Tensor, tau_low: float, tau_high: float, offset: int = 0):
+        """The op on a contiguous CUDA copy of `x` whose data starts `offset` elements into its allocation."""
+        buf = torch.empty(x.numel() + offset, dtype=x.dtype, device="cuda")
+        xc = buf[offset:].view(x.shape)
+        xc.copy_(x)
+        return tuple(t.cpu() for t in res.op(xc, tau_low, tau_high))
+
+    return run
+
+
 @needs_gpu
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("shape", [(1, 7), (3, 1001), (4, 49152), (2, 151936), (1, 262144)])
-def test_cuda_matches_reference(dtype, shape):
-    res = kernels.MANAGER.cuda()
-    assert res.ok, res.reason
+def test_cuda_matches_reference(cuda_op, dtype, shape):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(*shape, generator=gen) * 3).to(dtype)
-    ent, var, maxp, lse, arg, dec = res.op(x.cuda(), 0.5, 4.0)
-    ref = token_stats_reference(x.double(), 0.5, 4.0)
-    torch.testing.assert_close(ent.cpu().double(), ref.entropy_bits, atol=1e-4, rtol=0)
-    torch.testing.assert_close(var.cpu().double(), ref.varentropy, atol=5e-4, rtol=5e-4)
-    torch.testing.assert_close(maxp.cpu().double(), ref.max_prob, atol=1e-6, rtol=1e-5)
-    torch.testing.assert_close(lse.cpu().double(), ref.logsumexp, atol=1e-5, rtol=1e-6)
-    z = x.double()
-    first = (z == z.max(-1, keepdim=True).values).to(torch.int8).argmax(-1)
-    assert torch.equal(arg.cpu(), first)
-    assert torch.equal(dec.cpu(), torch.where(ent.cpu() < 0.5, 0, torch.where(ent.cpu() > 4.0, 2, 1)))
+    check_close(cuda_op(x, 0.5, 4.0), x, 0.5, 4.0)
+    check_close(cuda_op(x, 0.5, 4.0, offset=1), x, 0.5, 4.0)  # not 16-byte aligned: the scalar loads
 
 
 @needs_gpu
-def test_cuda_degenerate_rows():
-    res = kernels.MANAGER.cuda()
-    assert res.ok, res.reason
-    V = 4099
-    x = torch.randn(5, V)
-    x[0, 3000] = math.nan
-    x[1, 10] = math.inf
-    x[2] = -math.inf
-    x[3, ::2] = -math.inf
-    x[4] = 0.0
-    x[4, 17] = 50.0
-    ent, var, maxp, lse, arg, dec = (t.cpu() for t in res.op(x.cuda(), 0.5, 4.0))
-    assert torch.isnan(ent[0]) and int(arg[0]) == 3000
-    assert lse[1] == math.inf and int(arg[1]) == 10
-    assert lse[2] == -math.inf and int(arg[2]) == 0 and torch.isnan(ent[2])
-    ref = token_stats_reference(x[3:].double(), 0.5, 4.0)
-    torch.testing.assert_close(ent[3:].double(), ref.entropy_bits, atol=1e-4, rtol=0)
-    assert torch.equal(arg[3:], ref.argmax)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("V", [5003, 5008])
+def test_cuda_extreme_rows(cuda_op, dtype, V):
+    x = extreme_rows(dtype, V)
+    check_extreme_rows(cuda_op(x, 0.5, 4.0), x)
+
+
+@needs_gpu
+def test_cuda_degenerate_rows(cuda_op):
+    for V in (3001, 3008):
+        x = degenerate_rows(V)
+        check_degenerate_rows(cuda_op(x, 0.5, 4.0), x)
