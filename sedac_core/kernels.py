@@ -19,12 +19,13 @@ from pathlib import Path
 
 import torch
 
-from .paths import cache_dir
+from .paths import bundled_dir, cache_dir
 
 log = logging.getLogger("sedac.kernels")
 
 BACKENDS = ("auto", "cuda", "cpp", "torch")
-EXT_DIR = Path(__file__).resolve().parent.parent / "ext"
+
+EXT_DIR = bundled_dir(__file__, "ext", "_ext", "stats_common.h")
 
 # instruction-set codes shared with ext/sedac_cpu.cpp, and the compiler flags of each ISA's object
 ISA_CODES = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}

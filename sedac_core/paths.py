@@ -33,3 +33,13 @@ def sessions_dir() -> Path:
 
 def models_cache_dir() -> Path:
     return cache_dir() / "models"
+
+
+def bundled_dir(package_file: str, root_name: str, packaged_name: str, marker: str) -> Path:
+    """Where a folder that DESIGN.md keeps at the repository root (ext/, themes/) is: the root of a checkout (an
+    editable install), or inside the package in an installed wheel (pyproject.toml maps it there)."""
+    here = Path(package_file).resolve().parent
+    for candidate in (here.parent / root_name, here / packaged_name):
+        if (candidate / marker).exists():
+            return candidate
+    return here.parent / root_name

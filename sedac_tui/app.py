@@ -36,6 +36,7 @@ from sedac_core.events import (
     TokenEvent,
     UserMessage,
 )
+from sedac_core.paths import bundled_dir
 from sedac_core.session import Session, SessionRecorder, read_session
 
 from .sources import LiveSource, ReplayProgress, ReplaySource, SourceFinished
@@ -54,8 +55,8 @@ from .widgets.colors import DEFAULTS as PANEL_COLOR_DEFAULTS
 
 log = logging.getLogger(__name__)
 
-THEMES_DIR = Path(__file__).resolve().parent.parent / "themes"
 DEFAULT_THEME = "sedac-dark"
+THEMES_DIR = bundled_dir(__file__, "themes", "_themes", f"{DEFAULT_THEME}.yaml")
 TAU_LOW_STEP = 0.1
 TAU_HIGH_STEP = 0.25
 THEME_SUFFIXES = (".yaml", ".yml")
