@@ -38,8 +38,11 @@ def token_stats_reference(logits: torch.Tensor, tau_low: float, tau_high: float)
     lse = torch.logsumexp(z, dim=-1)
     logp = z - lse.unsqueeze(-1)
     p = logp.exp()
-    ent_nats = -(p * logp).sum(-1)
-    second = (p * logp * logp).sum(-1)
+    # a masked (-inf) token has p = 0 and log p = -inf: it adds nothing (0 * -inf alone would make the row NaN);
+    # a NaN or +inf logit still makes the row NaN, as documented in token_stats
+    plogp = torch.where(p == 0, torch.zeros_like(p), p * logp)
+    ent_nats = -plogp.sum(-1)
+    second = torch.where(p == 0, torch.zeros_like(p), plogp * logp).sum(-1)
     var_nats = (second - ent_nats * ent_nats).clamp_min(0.0)
     maxv, arg = z.max(dim=-1)
     entropy_bits = ent_nats / LN2
@@ -59,9 +62,9 @@ def token_stats_reference(logits: torch.Tensor, tau_low: float, tau_high: float)
 def token_stats(logits: torch.Tensor, tau_low: float = 0.0, tau_high: float = float("inf")) -> TokenStats:
     """Statistics of the next-token distribution(s) in `logits` ([..., V]), by the active kernel backend.
 
-    Degenerate rows get the reference's values: a NaN anywhere gives NaN statistics with argmax at the first NaN,
-    a +inf gives NaN entropy/max_prob and logsumexp +inf, an all -inf row gives NaN entropy and logsumexp -inf;
-    NaN entropy always decides "continue"."""
+    Masked (-inf) tokens are left out (probability 0). Degenerate rows get the reference's values: a NaN anywhere
+    gives NaN statistics with argmax at the first NaN, a +inf gives NaN entropy/max_prob and logsumexp +inf, an all
+    -inf row gives NaN entropy and logsumexp -inf; NaN entropy always decides "continue"."""
     kernel = kernels.MANAGER.kernel_for(logits)
     if kernel is None:
         return token_stats_reference(logits, tau_low, tau_high)

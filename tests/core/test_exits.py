@@ -350,6 +350,35 @@ def test_reduced_signal_exits_pick_among_the_reduced_vocabulary(trained):
     assert toks[1].token_id == want
 
 
+@pytest.mark.parametrize("backend", ["cpp", "torch"])
+def test_exited_tokens_report_a_finite_entropy_with_every_backend(trained, backend):
+    """An exited token's logits are -inf outside the reduced vocabulary; its event's entropy (the sparkline, O1's
+    trigger) must be a number whichever backend computes it, including the torch fallback, and the same number."""
+    import copy
+    import math
+
+    from sedac_core import entropy
+
+    bundle, _, heads, _ = trained
+    heads = copy.deepcopy(heads)
+    heads.meta["calibration"] = {"tau_low": 0.1, "signal": "reduced", "decision_vocab_size": 24, "check_layers": [2]}
+    engine = SedacEngine(bundle)
+    engine.use_exit_heads(heads, apply_calibration=False)
+    engine.set_thresholds(tau_high=30.0)
+    engine.set_thresholds(tau_low=29.0)  # every token exits at layer 2
+    runs = {}
+    try:
+        for name in ("cpp", backend):
+            entropy.set_backend(name)
+            engine.reset()
+            result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=8, mode="exit", ignore_eos=True))
+            runs[name] = [t.entropy_bits for t in result.token_events if t.exit_layer == 2]
+    finally:
+        entropy.set_backend("auto")
+    assert len(runs[backend]) >= 6 and all(math.isfinite(e) for e in runs[backend])
+    assert runs[backend] == pytest.approx(runs["cpp"], abs=1e-4)
+
+
 def test_calibration_keeps_only_the_layers_whose_exits_pay():
     from sedac_core.calibration import CHECK_COST_LAYERS, LM_HEAD_LAYERS, choose_check_layers, exit_rates
 

@@ -86,3 +86,22 @@ def test_missing_sources_means_torch(tmp_path):
     res = manager.cpu()
     assert not res.ok and "sources not found" in res.reason
     assert manager.kernel_for(torch.randn(2, 10)) is None
+
+
+def test_reference_leaves_masked_tokens_out():
+    """The torch reference (what runs without a kernel) treats -inf logits as probability 0, as the kernels do: a
+    row with masked tokens has the statistics of the row without them, one finite entry has entropy 0 (an exit)."""
+    import math
+
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 64, generator=gen) * 2
+    x[0, ::3] = -math.inf
+    x[1, :] = -math.inf
+    x[1, 17] = 2.0
+    ref = token_stats_reference(x, 0.5, 4.0)
+    kept = token_stats_reference(x[0][x[0] > -math.inf], 0.5, 4.0)
+    torch.testing.assert_close(ref.entropy_bits[0], kept.entropy_bits)
+    torch.testing.assert_close(ref.varentropy[0], kept.varentropy)
+    assert float(ref.entropy_bits[1]) == 0.0 and int(ref.decision[1]) == entropy.DECISION_EXIT
+    assert float(ref.max_prob[1]) == 1.0 and int(ref.argmax[1]) == 17
+    assert torch.isfinite(ref.entropy_bits).all()
