@@ -1,5 +1,5 @@
-// The CUDA op sedac_cuda::token_stats: checks and allocates with ATen, launches the kernel of
-// stats_cuda_kernel.cu on the current stream. Registered with the dispatcher (TORCH_LIBRARY), no pybind11.
+// The CUDA op sedac_cuda::token_stats: checks and allocates with ATen (outputs and scratch), launches the kernels
+// of stats_cuda_kernel.cu on the current stream. Registered with the dispatcher (TORCH_LIBRARY), no pybind11.
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -37,10 +37,14 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tenso
   const int64_t rows = ent.numel();
   if (rows == 0) return {ent, var, maxp, lse, arg, dec};
   const at::Tensor x = logits.contiguous();
+  // the per-chunk partials of rows split across blocks (from torch's caching allocator: no cudaMalloc per call)
+  const int64_t scratch_bytes = token_stats_cuda_scratch_bytes(rows, V);
+  at::Tensor scratch = at::empty({scratch_bytes}, logits.options().dtype(at::kByte));
   const int err = launch_token_stats_cuda(
       x.const_data_ptr(), code, rows, V, static_cast<float>(tau_low), static_cast<float>(tau_high),
       ent.data_ptr<float>(), var.data_ptr<float>(), maxp.data_ptr<float>(), lse.data_ptr<float>(),
-      arg.data_ptr<int64_t>(), dec.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream().stream());
+      arg.data_ptr<int64_t>(), dec.data_ptr<int64_t>(), scratch_bytes > 0 ? scratch.data_ptr() : nullptr,
+      c10::cuda::getCurrentCUDAStream().stream());
   TORCH_CHECK(err == 0, "sedac_cuda.token_stats: kernel launch failed: ",
               cudaGetErrorString(static_cast<cudaError_t>(err)));
   return {ent, var, maxp, lse, arg, dec};

@@ -110,3 +110,49 @@ def check_degenerate_rows(out, x: torch.Tensor) -> None:
     assert lse[2] == -math.inf and int(arg[2]) == 0 == int(ref.argmax[2])
     assert torch.isnan(lse[3]) and int(arg[3]) == V - 2
     check_close([t[4:] for t in out], x[4:], 0.5, 4.0)
+
+
+def max_positions_rows(V: int) -> torch.Tensor:
+    """One row per position: the max (and a tie for it 1537 further on, wrapped) at each lane of a 16-byte pack, at
+    the first and last thread and warp of a 256-thread block, and on both sides of 4096-element boundaries (where
+    the CUDA kernel's blocks, or the CPU kernel's chunks, split a row)."""
+    cols = sorted(c for c in {0, 1, 2, 3, 4, 31, 32, 255, 256, 1023, 1024, 2047, 4092, 4095, 4096, 8191, 8192, V - 1}
+                  if c < V)
+    x = torch.randn(len(cols), V, generator=torch.Generator().manual_seed(9))
+    for r, c in enumerate(cols):
+        x[r, c] = 12.0
+        x[r, (c + 1537) % V] = 12.0
+    return x
+
+
+def check_max_positions(out, x: torch.Tensor) -> None:
+    check_close(out, x, 0.5, 4.0)
+    first = [int(r.eq(12.0).nonzero()[0]) for r in x]
+    assert out[4].tolist() == first
+
+
+def split_degenerate_rows(V: int = 40000) -> torch.Tensor:
+    """NaN, +inf and -inf placed so that the parts of a row handled apart (blocks of 4096, chunks) see different
+    things: two NaNs in different parts, two +infs likewise, a row of -inf but its last entry, a row whose first
+    half is -inf, a tie for the max across a 4096 boundary, and an ordinary row."""
+    x = torch.randn(6, V, generator=torch.Generator().manual_seed(11))
+    x[0, 35000] = math.nan
+    x[0, 30000] = math.nan
+    x[1, 39000] = math.inf
+    x[1, 5000] = math.inf
+    x[2, :] = -math.inf
+    x[2, V - 1] = -3.0
+    x[3, : V // 2] = -math.inf
+    x[4, 4095] = x[4, 4096] = 40.0
+    return x
+
+
+def check_split_degenerate_rows(out, x: torch.Tensor) -> None:
+    """The first NaN or +inf of the row wins whichever part found it; parts that saw only -inf lose every tie."""
+    ent, var, maxp, lse, arg, dec = out
+    V = x.shape[-1]
+    assert torch.isnan(ent[0]) and int(arg[0]) == 30000 and int(dec[0]) == DECISION_CONTINUE
+    assert lse[1] == math.inf and int(arg[1]) == 5000 and torch.isnan(ent[1])
+    assert int(arg[2]) == V - 1 and float(maxp[2]) == 1.0 and abs(float(ent[2])) < 1e-6 and float(lse[2]) == -3.0
+    assert int(arg[3]) >= V // 2 and int(arg[4]) == 4095
+    check_close([t[2:] for t in out], x[2:], 0.5, 4.0)

@@ -10,8 +10,9 @@ import torch
 
 from sedac_core import kernels
 from sedac_core.entropy import token_stats, token_stats_reference
-from stats_check import (check_close, check_degenerate_rows, check_extreme_rows, degenerate_rows, extreme_rows,
-                         reference64)
+from stats_check import (check_close, check_degenerate_rows, check_extreme_rows, check_max_positions,
+                         check_split_degenerate_rows, degenerate_rows, extreme_rows, max_positions_rows, reference64,
+                         split_degenerate_rows)
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 
@@ -166,3 +167,21 @@ def test_read_rows_reads_every_byte_with_the_same_split(cpu_op):
         assert out.tolist() == [0x3F800000, 0, 0x40000000]
         h = torch.ops.sedac_cpu.read_rows(torch.ones(2, 3, dtype=torch.float16), isa)  # 6 bytes: one word + tail
         assert h.tolist() == [0x3C003C00 + 0x00 + 0x3C, 0x3C003C00 + 0x00 + 0x3C]
+
+
+@pytest.mark.parametrize("V", [4096, 40960])
+def test_max_in_every_position(cpu_op, V):
+    x = max_positions_rows(V)
+    for isa in usable_isas():
+        check_max_positions(cpu_op(x, 0.5, 4.0, isa), x)
+
+
+def test_degenerate_rows_across_chunks(cpu_op):
+    x = split_degenerate_rows()
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(max(2, before))  # one row split across threads
+        for isa in usable_isas():
+            check_split_degenerate_rows(cpu_op(x, 0.5, 4.0, isa), x)
+    finally:
+        torch.set_num_threads(before)

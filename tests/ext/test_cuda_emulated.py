@@ -17,7 +17,9 @@ import pytest
 import torch
 
 from sedac_core import kernels
-from stats_check import check_close, check_degenerate_rows, check_extreme_rows, degenerate_rows, extreme_rows
+from stats_check import (check_close, check_degenerate_rows, check_extreme_rows, check_max_positions,
+                         check_split_degenerate_rows, degenerate_rows, extreme_rows, max_positions_rows,
+                         split_degenerate_rows)
 
 EMU_DIR = Path(__file__).resolve().parent / "cuda_emu"
 SANITIZE = ["-fsanitize=address,undefined", "-fno-sanitize-recover=undefined"]
@@ -56,14 +58,16 @@ def emu(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cuda_emu")
     exe, _ = build(tmp, "stats", kernels.EXT_DIR / "stats_cuda_kernel.cu", [EMU_DIR / "emu_main.cpp"])
 
-    def run(x: torch.Tensor, tau_low: float, tau_high: float, misalign: int = 0):
-        """The kernel's six outputs for `x` [rows, V], whose data starts `misalign` bytes past a 64-byte boundary."""
+    def run(x: torch.Tensor, tau_low: float, tau_high: float, misalign: int = 0, sms: int = 132):
+        """The kernel's six outputs for `x` [rows, V], whose data starts `misalign` bytes past a 64-byte boundary,
+        on an emulated GPU of `sms` multiprocessors (which sets how many blocks share a row)."""
         rows, V = x.shape
         raw = x.contiguous().view(torch.uint8 if x.dtype == torch.float32 else torch.int16).numpy().tobytes()
         inp, out = tmp / "in.bin", tmp / "out.bin"
         inp.write_bytes(struct.pack("<iiqqff", DTYPE_CODES[x.dtype], misalign, rows, V, tau_low, tau_high) + raw)
         proc = subprocess.run([str(exe), str(inp), str(out)], capture_output=True, text=True, timeout=300,
-                              env={"ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0"})
+                              env={"ASAN_OPTIONS": "detect_leaks=0:detect_stack_use_after_return=0",
+                                   "SEDAC_EMU_SMS": str(sms)})
         assert proc.returncode == 0, proc.stderr[-4000:]
         data = bytearray(out.read_bytes())
         floats = torch.frombuffer(data[: 16 * rows], dtype=torch.float32).view(4, rows).clone()
@@ -101,17 +105,23 @@ def test_emulated_kernel_degenerate_rows(emu):
     check_degenerate_rows(emu(y, 0.5, 4.0), y)
 
 
-def test_emulated_kernel_max_in_every_thread_position(emu):
-    """The max (and a tie for it) placed at each lane of a pack and in the first/last thread and warp."""
-    V = 4096
-    cols = [0, 1, 2, 3, 4, 31, 32, 255, 256, 1023, 1024, 2047, 4092, 4095]
-    x = torch.randn(len(cols), V, generator=torch.Generator().manual_seed(9))
-    for r, c in enumerate(cols):
-        x[r, c] = 12.0
-        x[r, (c + 1537) % V] = 12.0  # a tie later (or earlier, wrapped) in the row
-    out = emu(x, 0.5, 4.0)
-    check_close(out, x, 0.5, 4.0)
-    assert out[4].tolist() == [min(c, (c + 1537) % V) for c in cols]
+@pytest.mark.parametrize("V", [4096, 40960])  # one block per row; ten blocks per row and a merge
+def test_emulated_kernel_max_in_every_thread_position(emu, V):
+    x = max_positions_rows(V)
+    check_max_positions(emu(x, 0.5, 4.0), x)
+
+
+def test_emulated_kernel_degenerate_rows_across_blocks(emu):
+    x = split_degenerate_rows()
+    check_split_degenerate_rows(emu(x, 0.5, 4.0), x)
+
+
+@pytest.mark.parametrize("sms", [1, 8, 132])
+def test_emulated_kernel_same_result_however_rows_are_split(emu, sms):
+    """The number of blocks per row follows the GPU's size (4 per multiprocessor, at least 4096 logits each):
+    one, a few, or up to 64; the statistics agree with the reference every way."""
+    x = torch.randn(3, 151936, generator=torch.Generator().manual_seed(12)) * 4
+    check_close(emu(x, 0.5, 4.0, sms=sms), x, 0.5, 4.0)
 
 
 @pytest.fixture(scope="module")
@@ -154,4 +164,4 @@ def test_emulator_reports_a_barrier_not_all_threads_reach(selftest):
 
 def test_emulated_source_rewrites_every_launch():
     src, launches = emulated_source(kernels.EXT_DIR / "stats_cuda_kernel.cu")
-    assert launches == 1 and "<<<" not in src
+    assert launches == 2 and "<<<" not in src  # the chunk kernel and the merge kernel

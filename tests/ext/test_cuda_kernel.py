@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from sedac_core import kernels
-from stats_check import check_close, check_degenerate_rows, check_extreme_rows, degenerate_rows, extreme_rows
+from stats_check import (check_close, check_degenerate_rows, check_extreme_rows, check_max_positions,
+                         check_split_degenerate_rows, degenerate_rows, extreme_rows, max_positions_rows,
+                         split_degenerate_rows)
 
 
 def _nvcc() -> str | None:
@@ -108,3 +110,16 @@ def test_cuda_degenerate_rows(cuda_op):
     for V in (3001, 3008):
         x = degenerate_rows(V)
         check_degenerate_rows(cuda_op(x, 0.5, 4.0), x)
+
+
+@needs_gpu
+@pytest.mark.parametrize("V", [4096, 40960])
+def test_cuda_max_in_every_position(cuda_op, V):
+    x = max_positions_rows(V)
+    check_max_positions(cuda_op(x, 0.5, 4.0), x)
+
+
+@needs_gpu
+def test_cuda_degenerate_rows_across_blocks(cuda_op):
+    x = split_degenerate_rows()
+    check_split_degenerate_rows(cuda_op(x, 0.5, 4.0), x)

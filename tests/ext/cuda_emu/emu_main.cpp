@@ -43,8 +43,12 @@ int main(int argc, char** argv) {
 
   std::vector<float> ent(rows), var(rows), maxp(rows), lse(rows);
   std::vector<int64_t> arg(rows), dec(rows);
+  // scratch as the binding allocates it: exactly the bytes asked for (ASan reports a write past them)
+  const int64_t scratch_bytes = sedac::token_stats_cuda_scratch_bytes(rows, V);
+  char* scratch = scratch_bytes > 0 ? static_cast<char*>(std::malloc(scratch_bytes)) : nullptr;
   const int err = sedac::launch_token_stats_cuda(data, dtype, rows, V, lo, hi, ent.data(), var.data(), maxp.data(),
-                                                 lse.data(), arg.data(), dec.data(), nullptr);
+                                                 lse.data(), arg.data(), dec.data(), scratch, nullptr);
+  std::free(scratch);
   if (err != 0) {
     std::fprintf(stderr, "launch error %d: %s\n", err, ::cuda_emu::emu().message.c_str());
     return 3;
