@@ -42,6 +42,7 @@ def trained():
     return bundle, data, heads, report
 
 
+@torch.no_grad()
 def _kl_to_final(bundle, hidden, final_hidden):
     m = bundle.model
     lp = torch.log_softmax(m.lm_head(m.model.norm(hidden)), -1)
