@@ -27,6 +27,7 @@ using std::log2;
 
 constexpr float kLog2e = 1.4426950408889634f;
 constexpr double kLn2 = 0.69314718055994530942;
+constexpr double kEntropyFloor = 1e-30;  // bits; see finalize
 
 // routing decision codes, the same as sedac_core/entropy.py
 constexpr int64_t kDecisionExit = 0;
@@ -111,7 +112,9 @@ SEDAC_HD RowStats finalize(const Partial& p, float tau_low, float tau_high) {
   const double h = log2(p.s) - mean_y;
   double var = p.u / p.s - mean_y * mean_y;
   if (var < 0.0) var = 0.0;
-  r.entropy_bits = static_cast<float>(h < 0.0 ? 0.0 : h);
+  // below kEntropyFloor is what masked (-inf) logits clamped at 2^-126 leave behind (at most V * 126 * 2^-126, under
+  // 4e-31 bits for V <= 262,144): a row with one finite logit is certain, entropy 0, as in the reference
+  r.entropy_bits = static_cast<float>(h < kEntropyFloor ? 0.0 : h);
   r.varentropy = static_cast<float>(var);
   r.max_prob = static_cast<float>(1.0 / p.s);
   r.logsumexp = static_cast<float>(static_cast<double>(p.m) + log(p.s));
