@@ -280,7 +280,7 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
     `samples` adds that many sampled answers per prompt (at `temperature`, seeded): more varied text from the same
     prompts. Every position's target is still the full model's own next-token distribution there, and all answers
     to one prompt share its group, so a split by prompt keeps them on one side."""
-    from .entropy import entropy_bits
+    from .entropy import token_stats
 
     model, tok = bundle.model, bundle.tokenizer
     pad_id = tok.pad_token_id if tok.pad_token_id is not None else next(iter(bundle.eos_token_ids), 0)
@@ -329,9 +329,9 @@ def collect_exit_data(bundle: Any, prompts: list[str], layers: list[int], *, max
                     for l in layers:
                         hidden[l].append(captured[l][r, sl].float().cpu())
                     finals.append(captured[bundle.num_layers][r, sl].float().cpu())
-                    lg = logits[r, sl].float()
-                    tokens.append(lg.argmax(-1).cpu())
-                    ents.append(entropy_bits(lg).cpu())
+                    st = token_stats(logits[r, sl].float())
+                    tokens.append(st.argmax.cpu())
+                    ents.append(st.entropy_bits.cpu())
                     groups.append(torch.full((n,), b + r, dtype=torch.long))
                     inputs.append(out[r, sl].cpu())  # the last prompt token, then the answer's tokens
                     firsts.append(torch.arange(n) == 0)
@@ -452,7 +452,7 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
     `decision_vocab` (the "reduced" signal) the entropy over those ids only (plus each row's context tokens when
     `data` has them, as in the engine), whose argmax is then the exit token. Either way, also the argmax over the
     full vocabulary ("full_token") and the probe's estimate ("probe")."""
-    from .entropy import entropy_bits
+    from .entropy import token_stats
 
     lm_head, norm_w, eps = _lm_head_parts(bundle)
     out: dict[int, dict[str, torch.Tensor]] = {}
@@ -463,20 +463,21 @@ def exit_stats(heads: ExitHeads, data: ExitData, bundle: Any, batch: int = 2048,
                 t = data.hidden[l][s : s + batch] @ heads.translator_w[l] + heads.translator_b[l]
                 nt = _norm(t, norm_w, eps)
                 logits = nt @ lm_head.T
-                ent.append(entropy_bits(logits))
-                full_tok.append(logits.argmax(-1))
+                st = token_stats(logits)  # the fused kernel: entropy and argmax in one pass
+                ent.append(st.entropy_bits)
+                full_tok.append(st.argmax)
                 probe.append(nt @ heads.probe_w[l] + heads.probe_b[l])
                 if decision_vocab is None:
                     tok.append(full_tok[-1])
                     pred.append(probe[-1])
                 elif (allowed := data.context_masks(decision_vocab, logits.shape[-1], s, s + len(logits))) is None:
-                    reduced = logits[:, decision_vocab]
-                    tok.append(decision_vocab[reduced.argmax(-1)])
-                    pred.append(entropy_bits(reduced))
+                    rs = token_stats(logits[:, decision_vocab])
+                    tok.append(decision_vocab[rs.argmax])
+                    pred.append(rs.entropy_bits)
                 else:  # the reduced vocabulary plus each row's context, as the engine decides
-                    masked = logits.masked_fill(~allowed, float("-inf"))
-                    tok.append(masked.argmax(-1))
-                    pred.append(entropy_bits(masked))
+                    ms = token_stats(logits.masked_fill(~allowed, float("-inf")))
+                    tok.append(ms.argmax)
+                    pred.append(ms.entropy_bits)
             tok_t = torch.cat(tok)
             out[l] = {"token": tok_t, "entropy": torch.cat(ent), "predicted": torch.cat(pred),
                       "agree": (tok_t == data.final_token), "full_token": torch.cat(full_tok),
