@@ -892,7 +892,8 @@ class SedacEngine:
             sorted_p, order = torch.sort(probs, descending=True)
             keep = torch.cumsum(sorted_p, dim=-1) - sorted_p < req.top_p  # always keeps the top token
             sorted_p = sorted_p * keep
-            choice = torch.multinomial(sorted_p.cpu() / sorted_p.sum(), 1, generator=generator)
+            # normalised on the logits' device, then to the CPU generator (a CPU tensor over a CUDA scalar fails)
+            choice = torch.multinomial((sorted_p / sorted_p.sum()).cpu(), 1, generator=generator)
             return int(order[choice.to(order.device)].item())
         return int(torch.multinomial(probs.cpu(), 1, generator=generator).item())
 

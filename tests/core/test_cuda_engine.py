@@ -48,6 +48,15 @@ def test_every_mode_generates_on_the_gpu(mode):
     assert len(result.token_ids) == 24
 
 
+@pytest.mark.parametrize("mode", ["full", "exit", "lossless"])
+def test_sampling_on_the_gpu_is_seeded(mode):
+    """temperature and top-p (the CPU generator draws from probabilities computed on the GPU)."""
+    engine = _engine("cuda")
+    a = _run(engine, PROMPTS[0], mode, temperature=0.8, top_p=0.9, seed=7).token_ids
+    b = _run(engine, PROMPTS[0], mode, temperature=0.8, top_p=0.9, seed=7).token_ids
+    assert a == b and len(a) == 24
+
+
 def test_lossless_equals_full_depth_on_the_gpu():
     engine = _engine("cuda")
     for prompt in PROMPTS:
