@@ -1,7 +1,7 @@
 """The CUDA kernel (ext/stats_cuda_kernel.cu) run on a CPU emulator of the CUDA it uses (tests/ext/cuda_emu/), so its
-logic is tested on every machine, GPU or not: the split of a row over 256 threads, the 16-byte vector loads and the
-scalar path for unaligned or odd rows, the warp-shuffle and shared-memory merges (ties, NaN, inf, all -inf), every
-dtype and vocabulary size, against the same checks as the C++ CPU kernel. Built with AddressSanitizer and UBSan
+logic is tested on every machine, GPU or not: the split of a row over blocks and their 256 threads, the 16-byte vector
+loads and the scalar path for unaligned or odd rows, the warp-shuffle, shared-memory and cross-block merges (ties, NaN,
+inf, all -inf), every dtype and vocabulary size, against the same checks as the C++ CPU kernel. Built with AddressSanitizer and UBSan
 where the compiler has them, so a read past a row's end or a misaligned vector load fails the test.
 What only a GPU can show (the device's own arithmetic, speed) is test_cuda_kernel.py's part."""
 
@@ -33,8 +33,9 @@ def emulated_source(path: Path) -> tuple[str, int]:
     return LAUNCH.subn(r"::cuda_emu::launch(\1, \2, ", path.read_text())
 
 
-def build(tmp: Path, name: str, cu: Path, extra_sources: list[Path]) -> tuple[Path, bool]:
-    """Compiles a .cu file (rewritten for the emulator) with extra C++ sources; returns (executable, sanitized)."""
+def build(tmp: Path, name: str, cu: Path, extra_sources: list[Path]) -> Path:
+    """Compiles a .cu file (rewritten for the emulator) with extra C++ sources, with the sanitizers where the
+    compiler has them; returns the executable."""
     src, launches = emulated_source(cu)
     assert launches >= 1, f"no kernel launch found in {cu.name}: the emulator's rewrite needs updating"
     rewritten = tmp / f"{name}_emu.cpp"
@@ -44,11 +45,11 @@ def build(tmp: Path, name: str, cu: Path, extra_sources: list[Path]) -> tuple[Pa
             *map(str, extra_sources), "-o", str(exe)]
     proc = subprocess.run([*base, *SANITIZE], capture_output=True, text=True, timeout=600)
     if proc.returncode == 0:
-        return exe, True
+        return exe
     plain = subprocess.run(base, capture_output=True, text=True, timeout=600)
     assert plain.returncode == 0, plain.stderr[-3000:]
     warnings.warn(f"the CUDA emulator runs without sanitizers (the compiler refused them: {proc.stderr[-300:]})")
-    return exe, False
+    return exe
 
 
 @pytest.fixture(scope="module")
@@ -56,7 +57,7 @@ def emu(tmp_path_factory):
     if kernels._cxx() is None:
         pytest.skip("no C++ compiler")
     tmp = tmp_path_factory.mktemp("cuda_emu")
-    exe, _ = build(tmp, "stats", kernels.EXT_DIR / "stats_cuda_kernel.cu", [EMU_DIR / "emu_main.cpp"])
+    exe = build(tmp, "stats", kernels.EXT_DIR / "stats_cuda_kernel.cu", [EMU_DIR / "emu_main.cpp"])
 
     def run(x: torch.Tensor, tau_low: float, tau_high: float, misalign: int = 0, sms: int = 132):
         """The kernel's six outputs for `x` [rows, V], whose data starts `misalign` bytes past a 64-byte boundary,
@@ -128,7 +129,7 @@ def test_emulated_kernel_same_result_however_rows_are_split(emu, sms):
 def selftest(tmp_path_factory):
     if kernels._cxx() is None:
         pytest.skip("no C++ compiler")
-    exe, _ = build(tmp_path_factory.mktemp("cuda_emu_self"), "selftest", EMU_DIR / "selftest.cu", [])
+    exe = build(tmp_path_factory.mktemp("cuda_emu_self"), "selftest", EMU_DIR / "selftest.cu", [])
 
     def run(mode: str) -> subprocess.CompletedProcess:
         return subprocess.run([str(exe), mode], capture_output=True, text=True, timeout=60,
