@@ -219,8 +219,8 @@ def format_kernel_bench(result: dict) -> str:
             f"{r['backend']:7} {r['dtype']:8} {r['batch']:5d} {r['vocab']:7d} {r['us_per_row']:9.2f} "
             f"{r['torch_us_per_row']:9.2f} {r['read_us_per_row']:8.2f} {r['speedup_vs_torch']:7.2f} "
             f"{100 * r['read_fraction']:5.0f}% {split} {cold}")
-    cpu_targets = [t for t in result["targets"] if t.get("device", "cpu") == "cpu"]
-    cuda_targets = [t for t in result["targets"] if t.get("device") == "cuda"]
+    cpu_targets = [t for t in result["targets"] if t["device"] == "cpu"]
+    cuda_targets = [t for t in result["targets"] if t["device"] == "cuda"]
     if cuda_targets:
         lines += ["", "targets (cuda fp32, V=151936): >= 3x the torch reference on the GPU"]
         lines += [f"  batch={t['batch']:2d}: {t['speedup_vs_torch']:6.2f}x faster "
