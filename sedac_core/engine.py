@@ -4,6 +4,7 @@ events. This file holds the full-depth mode; the other modes plug into the same 
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from dataclasses import dataclass, field
@@ -782,11 +783,13 @@ class SedacEngine:
                     if row < block.copied:
                         looked_up[block.source][1] += 1
                 if row_draft is not None and draft_state != "accepted" and block is not None:
-                    # the full model disagreed: the draft is shown in the heatmap, never in the text
+                    # the full model disagreed: the draft is shown in the heatmap, never in the text. A guess
+                    # copied from text ran no head, so it has no entropy (NaN in the block): null in the event
+                    guess_entropy = block.draft_entropy[row]
                     yield self._emit(TokenEvent(
                         generation_id=gid, index=index, token_id=row_draft, text="",
                         exit_layer=block.draft_layers[row], num_layers=self.num_layers,
-                        entropy_bits=block.draft_entropy[row], confidence=0.0,
+                        entropy_bits=guess_entropy if math.isfinite(guess_entropy) else None, confidence=0.0,
                         decision="exit" if block.draft_layers[row] < self.num_layers else "full",
                         draft="rejected", top_tokens=(), time_ms=0.0, position=pos))
             probs_top = torch.topk(logits.float(), k=min(TOP_K_SHOWN, logits.shape[-1]))

@@ -3,8 +3,13 @@ EventBus that carries them from the inference thread to the UI, the recorder and
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
+import functools
 import logging
+import math
+import types
+import typing
 import queue
 import threading
 from dataclasses import dataclass, field
@@ -12,7 +17,8 @@ from typing import Any, Callable, ClassVar, Mapping
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = "1.1"  # major.minor: bump the major when a field changes meaning, the minor when one is added
+SCHEMA_VERSION = "1.2"  # major.minor: bump the major when a field changes meaning, the minor when one is added
+# (1.2: a token's entropy_bits may be null)
 
 
 @dataclass(frozen=True)
@@ -27,22 +33,102 @@ class Event:
 
     @staticmethod
     def from_json(data: Mapping[str, Any]) -> "Event":
-        """Rebuild an event from its JSON dict. Unknown fields (from a newer minor version) are ignored."""
+        """Rebuild an event from its JSON dict, checking every field's type against the schema (a wrong type is a
+        ValueError that names the field). Unknown fields (from a newer minor version) are ignored. A non-finite
+        number where the schema allows null (an old file's NaN entropy) reads as null."""
         etype = data.get("type")
         cls = EVENT_TYPES.get(etype) if isinstance(etype, str) else None
         if cls is None:
             raise ValueError(f"unknown event type {etype!r}")
-        names = {f.name: f for f in dataclasses.fields(cls)}
-        kwargs = {k: v for k, v in data.items() if k in names}
-        if cls is TokenEvent and "layer_entropies" in kwargs and kwargs["layer_entropies"] is not None:
-            kwargs["layer_entropies"] = {int(k): float(v) for k, v in kwargs["layer_entropies"].items()}
-        for name in ("top_tokens", "candidates", "gated_layers"):
-            if name in kwargs and kwargs[name] is not None:
-                kwargs[name] = tuple(tuple(x) if isinstance(x, list) else x for x in kwargs[name])
-        try:
-            return cls(**kwargs)
-        except TypeError as exc:
-            raise ValueError(f"bad '{etype}' event: {exc}") from None
+        hints = _field_types(cls)
+        kwargs = {}
+        for name, value in data.items():
+            if name in hints:
+                try:
+                    kwargs[name] = _coerce(value, hints[name])
+                except _BadValue as exc:
+                    raise ValueError(f"bad '{etype}' event: field '{name}' {exc}") from None
+        return cls(**kwargs)
+
+
+class _BadValue(Exception):
+    pass
+
+
+@functools.lru_cache(maxsize=None)
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    """`value` (from JSON) as the schema type `hint`, or _BadValue saying what was expected."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        arms = [a for a in args if a is not type(None)]
+        if type(None) in args and isinstance(value, float) and not math.isfinite(value) and float in arms:
+            return None
+        errors = []
+        for arm in arms:
+            try:
+                return _coerce(value, arm)
+            except _BadValue as exc:
+                errors.append(str(exc))
+        if len(errors) == 1 and not errors[0].startswith("is "):  # the right kind with a bad item inside
+            raise _BadValue(errors[0])
+        wanted = [e.split("expected ", 1)[-1] for e in errors]
+        raise _BadValue(f"is {_kind(value)}, expected " + " or ".join(wanted + ["null"] * (type(None) in args)))
+    if hint is Any:
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise _BadValue(f"is {_kind(value)}, expected a number")
+        if not math.isfinite(value):
+            raise _BadValue(f"is {value}, expected a finite number")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _BadValue(f"is {_kind(value)}, expected an integer")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise _BadValue(f"is {_kind(value)}, expected true or false")
+        return value
+    if hint is str:
+        if not isinstance(value, str):
+            raise _BadValue(f"is {_kind(value)}, expected a string")
+        return value
+    if origin in (Mapping, dict, collections.abc.Mapping):
+        if not isinstance(value, dict):
+            raise _BadValue(f"is {_kind(value)}, expected an object")
+        key_t, val_t = args or (Any, Any)
+        out = {}
+        for k, v in value.items():
+            if key_t is int:
+                try:
+                    k = int(k)
+                except (TypeError, ValueError):
+                    raise _BadValue(f"has key {k!r}, expected integer keys") from None
+            out[k] = _coerce(v, val_t)
+        return out
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise _BadValue(f"is {_kind(value)}, expected a list")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        if len(value) != len(args):
+            raise _BadValue(f"has {len(value)} items, expected {len(args)}")
+        return tuple(_coerce(v, a) for v, a in zip(value, args))
+    return value
+
+
+def _kind(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string", list: "a list",
+            dict: "an object"}.get(type(value), type(value).__name__)
 
 
 def _jsonable(value: Any) -> Any:
@@ -103,7 +189,7 @@ class TokenEvent(Event):
     text: str = ""
     exit_layer: int = 0
     num_layers: int = 0
-    entropy_bits: float = 0.0
+    entropy_bits: float | None = 0.0  # None: not computed (a draft guessed from text, rejected before any head ran)
     confidence: float = 0.0
     decision: str = "full"  # full | exit | o1
     draft: str | None = None  # None | accepted | rejected | verified

@@ -14,6 +14,12 @@ from .errors import SessionFileError
 from .events import SCHEMA_VERSION, Event, EventBus, SessionStart
 
 
+def event_line(event: Event) -> str:
+    """One event as a strict JSON line: a NaN or infinity is a bug at its source (the schema says null), so it
+    raises ValueError here instead of writing a line no JSON reader accepts."""
+    return json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
 class SessionRecorder:
     """Writes events to a JSONL file. Thread-safe; use as a bus subscriber (`attach`) or call `write`."""
 
@@ -31,7 +37,7 @@ class SessionRecorder:
         self.write(header)
 
     def write(self, event: Event) -> None:
-        line = json.dumps(event.to_json(), ensure_ascii=False, separators=(",", ":"))
+        line = event_line(event)
         with self._lock:
             if self._fh is None:
                 return
@@ -92,6 +98,7 @@ def read_session(path: str | Path) -> Session:
         is_last = number == len(lines)
         if not line.strip():
             continue
+        data = None
         try:
             data = json.loads(line)
             if not isinstance(data, dict):
@@ -101,6 +108,9 @@ def read_session(path: str | Path) -> Session:
             if is_last and not ends_clean and session is not None:
                 session.torn = True  # a crash cut the last write short
                 break
+            if number == 1 and isinstance(data, dict) and data.get("type") == "session_start":
+                raise SessionFileError(f"{p}: malformed line 1 (the session header): {_short(exc)}; fix that line "
+                                       "or record the session again") from None
             if number == 1:
                 raise SessionFileError(
                     f"{p} is not a SEDAC session (line 1 is not a session header); pass a file written by sedac-chat"

@@ -3,6 +3,7 @@ Each theme may override the `sedac-*` variables; the defaults below fill in for 
 
 from __future__ import annotations
 
+import math
 from typing import Mapping
 
 from rich.style import Style
@@ -44,9 +45,14 @@ class Palette:
     def style(self, name: str, **kwargs: object) -> Style:
         return Style(color=self._colors[name].rich_color, **kwargs)  # type: ignore[arg-type]
 
-    def entropy_color(self, entropy_bits: float, tau_low: float, tau_high: float) -> Color:
-        """Easy below tau_low, hard at or above tau_high, a blend through the medium colour in between."""
+    def entropy_color(self, entropy_bits: float | None, tau_low: float, tau_high: float) -> Color:
+        """Easy below tau_low, hard at or above tau_high, a blend through the medium colour in between; an entropy
+        that was not computed (None, or a non-finite value from an old file) gets the plain 'computed' colour."""
         easy, mid, hard = self._colors["sedac-easy"], self._colors["sedac-mid"], self._colors["sedac-hard"]
+        if entropy_bits is None or not math.isfinite(entropy_bits):
+            return self._colors["sedac-computed"]
+        if not (math.isfinite(tau_low) and math.isfinite(tau_high)):
+            return mid
         if entropy_bits <= tau_low:
             return easy
         if entropy_bits >= tau_high or tau_high <= tau_low:

@@ -3,6 +3,8 @@ tau_high levels drawn across it, O1 positions marked, and a legend line."""
 
 from __future__ import annotations
 
+import math
+
 from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
@@ -33,7 +35,7 @@ class EntropySparkline(Widget):
         start, end = state.window(width)
         tokens = state.tokens[start:end]
         o1_keys = state.o1_token_keys()
-        entropies = [t.entropy_bits for t in tokens]
+        entropies = [h for h in (_known(t.entropy_bits) for t in tokens) if h is not None]
         top = max([state.tau_high, *entropies, 1.0]) * 1.1
         low_row = _level_row(state.tau_low, top, rows)
         high_row = _level_row(state.tau_high, top, rows)
@@ -46,7 +48,8 @@ class EntropySparkline(Widget):
                 mark_style = None
             for col, tok in enumerate(tokens):
                 idx = start + col
-                eighths = round(tok.entropy_bits / top * rows * 8) if top > 0 else 0
+                h = _known(tok.entropy_bits)
+                eighths = round(h / top * rows * 8) if top > 0 and h is not None else 0
                 fill = max(0, min(8, eighths - level))
                 is_o1 = (tok.generation_id, tok.index) in o1_keys or tok.decision == "o1"
                 selected = state.selected == idx
@@ -83,9 +86,15 @@ class EntropySparkline(Widget):
         if state.o1_events:
             legend.append("  ◆", palette.style("sedac-o1"))
             legend.append(f"O1×{len(state.o1_events)}")
-        if tokens and width >= 50:
-            legend.append(f"  max {max(t.entropy_bits for t in tokens):.2f} bits", Style(dim=True))
+        known = [h for h in (_known(t.entropy_bits) for t in tokens) if h is not None]
+        if known and width >= 50:
+            legend.append(f"  max {max(known):.2f} bits", Style(dim=True))
         return legend
+
+
+def _known(value: float | None) -> float | None:
+    """An entropy to draw: None for one never computed (and for a non-finite value from an old file)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 def _level_row(value: float, top: float, rows: int) -> int | None:

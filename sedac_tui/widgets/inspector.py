@@ -3,6 +3,8 @@ and top candidates."""
 
 from __future__ import annotations
 
+import math
+
 from rich.style import Style
 from rich.text import Text
 from textual.binding import Binding
@@ -62,7 +64,9 @@ class TokenInspector(Widget, can_focus=True):
         out.append(f"exit layer {tok.exit_layer}/{num_layers} · {tok.decision}")
         if tok.draft:
             out.append(f" · draft {tok.draft}")
-        out.append(f" · H {tok.entropy_bits:.2f} bits · conf {tok.confidence:.2f}")
+        h = tok.entropy_bits
+        out.append(f" · H {h:.2f} bits" if h is not None and math.isfinite(h) else " · H not computed (a guess)")
+        out.append(f" · conf {tok.confidence:.2f}")
         if tok.time_ms:
             out.append(f" · {tok.time_ms:.1f} ms")
         out.append("\n")

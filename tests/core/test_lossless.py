@@ -3,6 +3,7 @@ cache rollback, draft events, the sampling acceptance rule, and the fallbacks.""
 
 from __future__ import annotations
 
+import json
 import dataclasses
 
 import pytest
@@ -382,3 +383,21 @@ def test_side_branches_add_what_followed_the_last_token_in_the_context():
     assert drafter._side_branches(main, 4) == [main, [1, 2]]
     drafter.begin([7, 9, 8, 5, 7], frozenset({9}))  # a banned token is never proposed
     assert drafter._side_branches(main, 4) == [main, [1, 2]]
+
+
+def test_rejected_guesses_have_no_entropy_and_record_as_strict_json(tmp_path):
+    """A guess copied from text ran no head: its rejected-draft event says entropy null (never NaN), and the
+    session file that records it is strict JSON that reads back (the app crashed on the NaN before)."""
+    from sedac_core.session import SessionRecorder, read_session
+
+    engine = _own_text_engine("llama")
+    path = tmp_path / "lossless.jsonl"
+    with SessionRecorder(path, engine.session_header()).attach(engine.bus):
+        out = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=30, mode="lossless",
+                                                ignore_eos=True))
+    rejected = [e for e in out.events if isinstance(e, TokenEvent) and e.draft == "rejected"]
+    assert rejected and any(e.entropy_bits is None for e in rejected)
+    for line in path.read_text().splitlines():
+        json.loads(line, parse_constant=lambda c: pytest.fail(f"non-JSON constant {c} in the session file"))
+    replayed = [e for e in read_session(path).events if isinstance(e, TokenEvent)]
+    assert [e.entropy_bits for e in replayed] == [e.entropy_bits for e in out.events if isinstance(e, TokenEvent)]

@@ -133,3 +133,45 @@ def test_files_that_are_not_sessions(tmp_path, content, match):
 def test_missing_session_file(tmp_path):
     with pytest.raises(SessionFileError, match="not found"):
         read_session(tmp_path / "none.jsonl")
+
+
+def test_an_old_file_with_nan_entropy_still_opens(tmp_path):
+    """Sessions recorded before 1.2 hold a rejected guess's entropy as NaN (not JSON, but Python wrote it): the
+    reader opens them and reads that entropy as null."""
+    path = tmp_path / "old.jsonl"
+    header = {"type": "session_start", "schema_version": "1.1", "model": "m", "num_layers": 8}
+    token = {"type": "token", "generation_id": 1, "index": 0, "token_id": 5, "text": "", "exit_layer": 8,
+             "num_layers": 8, "entropy_bits": float("nan"), "draft": "rejected"}
+    path.write_text(json.dumps(header) + "\n" + json.dumps(token) + "\n")  # json.dumps writes NaN
+    (event,) = read_session(path).events
+    assert isinstance(event, TokenEvent) and event.entropy_bits is None
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("entropy_bits", "high", "expected a number or null"),
+    ("exit_layer", "thirty", "expected an integer"),
+    ("exit_layer", True, "expected an integer"),
+    ("layer_entropies", {"x": 1.0}, "integer keys"),
+    ("top_tokens", [["a", "b"]], "expected a number"),
+    ("confidence", float("inf"), "finite"),
+])
+def test_a_field_of_the_wrong_type_is_named_with_its_line(tmp_path, field, value, expected):
+    path = tmp_path / "typed.jsonl"
+    header = {"type": "session_start", "model": "m", "num_layers": 8}
+    token = {"type": "token", "generation_id": 1, "index": 0, "text": "x", field: value}
+    path.write_text(json.dumps(header) + "\n" + json.dumps(token) + "\n")
+    with pytest.raises(SessionFileError, match=rf"line 2: .*'{field}'.*{expected}"):
+        read_session(path)
+
+
+def test_a_header_whose_config_is_not_a_mapping_is_refused(tmp_path):
+    path = tmp_path / "header.jsonl"
+    path.write_text(json.dumps({"type": "session_start", "config": "notadict", "num_layers": "thirty"}) + "\n")
+    with pytest.raises(SessionFileError, match=r"line 1 \(the session header\): .*.config. is a string"):
+        read_session(path)
+
+
+def test_the_recorder_refuses_nan_instead_of_writing_it(tmp_path):
+    with SessionRecorder(tmp_path / "s.jsonl", SessionStart(model="m", num_layers=8)) as rec:
+        with pytest.raises(ValueError):
+            rec.write(TokenEvent(entropy_bits=float("nan")))
