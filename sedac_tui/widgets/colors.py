@@ -70,3 +70,17 @@ def _parse(value: str | None, default: str) -> Color:
         except Exception:  # a theme variable may be a CSS expression Color cannot parse; fall back
             continue
     return Color.parse(default)
+
+
+_PALETTES: dict[tuple, Palette] = {}
+
+
+def palette_for(variables: Mapping[str, str] | None) -> Palette:
+    """The Palette of a theme's variables, built once per distinct set (the panels ask on every repaint)."""
+    key = tuple(sorted((variables or {}).items()))
+    palette = _PALETTES.get(key)
+    if palette is None:
+        if len(_PALETTES) > 32:
+            _PALETTES.clear()
+        palette = _PALETTES[key] = Palette(variables)
+    return palette

@@ -5,91 +5,93 @@ from __future__ import annotations
 
 import math
 
-from rich.style import Style
-from rich.text import Text
-from textual.widget import Widget
+from rich.segment import Segment
 
 from .colors import Palette
-from .state import ViewState
+from .lines import Line, LinePanel
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
 
-class EntropySparkline(Widget):
+class EntropySparkline(LinePanel):
     DEFAULT_CSS = """
     EntropySparkline { height: 1fr; min-height: 2; }
     """
 
-    def __init__(self, state: ViewState, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.state = state
-
-    def on_mount(self) -> None:
-        self.app.theme_changed_signal.subscribe(self, lambda _theme: self.refresh())
-
-    def render(self) -> Text:
+    def build(self, width: int, height: int, palette: Palette) -> list[Line]:
         state = self.state
-        palette = Palette(self.app.theme_variables)
-        width, height = self.content_size.width, self.content_size.height
+        style = self.styles_cache
         rows = max(0, height - 1)
         start, end = state.window(width)
         tokens = state.tokens[start:end]
         o1_keys = state.o1_token_keys()
-        entropies = [h for h in (_known(t.entropy_bits) for t in tokens) if h is not None]
-        top = max([state.tau_high, *entropies, 1.0]) * 1.1
+        known = [_known(t.entropy_bits) for t in tokens]
+        top = max([state.tau_high, *(h for h in known if h is not None), 1.0]) * 1.1
         low_row = _level_row(state.tau_low, top, rows)
         high_row = _level_row(state.tau_high, top, rows)
-        out = Text(no_wrap=True, overflow="crop")
+        # per column: eighths of a row filled from the bottom, and the bar's style
+        o1_style = style(palette.hex("sedac-o1"), bold=True)
+        select_bg = palette.hex("sedac-select")
+        columns = []
+        for col, (tok, h) in enumerate(zip(tokens, known)):
+            eighths = round(h / top * rows * 8) if top > 0 and h is not None else 0
+            is_o1 = tok.decision == "o1" or (tok.generation_id, tok.index) in o1_keys
+            selected = state.selected == start + col
+            color = palette.hex("sedac-o1") if is_o1 else palette.entropy_color(
+                h, state.tau_low, state.tau_high).hex
+            columns.append((eighths, is_o1, selected, style(color, select_bg if selected else None)))
+        lines: list[Line] = []
         for r in range(rows):
             level = (rows - 1 - r) * 8  # eighths below this row
+            mark_style = None
             if r == high_row or r == low_row:
-                mark_style = palette.style("sedac-tau-high" if r == high_row else "sedac-tau-low", dim=False)
-            else:
-                mark_style = None
-            for col, tok in enumerate(tokens):
-                idx = start + col
-                h = _known(tok.entropy_bits)
-                eighths = round(h / top * rows * 8) if top > 0 and h is not None else 0
+                mark_style = style(palette.hex("sedac-tau-high" if r == high_row else "sedac-tau-low"))
+            line: Line = []
+            for eighths, is_o1, selected, bar_style in columns:
                 fill = max(0, min(8, eighths - level))
-                is_o1 = (tok.generation_id, tok.index) in o1_keys or tok.decision == "o1"
-                selected = state.selected == idx
-                if fill == 0:
-                    if is_o1 and r == 0:
-                        out.append("◆", palette.style("sedac-o1", bold=True))
-                    elif mark_style is not None:
-                        out.append("╌", mark_style)
-                    elif selected:
-                        out.append("│", palette.style("sedac-select"))
-                    else:
-                        out.append(" ")
-                    continue
-                name_color = palette.color("sedac-o1") if is_o1 else palette.entropy_color(
-                    tok.entropy_bits, state.tau_low, state.tau_high
-                )
-                style = Style(color=name_color.rich_color)
-                if selected:
-                    style += Style(bgcolor=palette.color("sedac-select").rich_color)
-                out.append(BLOCKS[fill], style)
+                if fill:
+                    line.append(Segment(BLOCKS[fill], bar_style))
+                elif is_o1 and r == 0:
+                    line.append(Segment("◆", o1_style))
+                elif mark_style is not None:
+                    line.append(Segment("╌", mark_style))
+                elif selected:
+                    line.append(Segment("│", style(select_bg)))
+                else:
+                    line.append(Segment(" "))
             if mark_style is not None and len(tokens) < width:
-                out.append("╌" * (width - len(tokens)), mark_style)
-            out.append("\n")
-        out.append_text(self._legend(palette, width, tokens))
-        return out
+                line.append(Segment("╌" * (width - len(tokens)), mark_style))
+            lines.append(line)
+        lines.append(self._legend(palette, width, [h for h in known if h is not None]))
+        return lines
 
-    def _legend(self, palette: Palette, width: int, tokens: list) -> Text:
+    def _legend(self, palette: Palette, width: int, known: list[float]) -> Line:
         state = self.state
-        legend = Text(no_wrap=True, overflow="ellipsis")
-        legend.append("╌", palette.style("sedac-tau-low"))
-        legend.append(f"tau_low {state.tau_low:.2f}  ")
-        legend.append("╌", palette.style("sedac-tau-high"))
-        legend.append(f"tau_high {state.tau_high:.2f}")
+        style = self.styles_cache
+        legend = [Segment("╌", style(palette.hex("sedac-tau-low"))), Segment(f"tau_low {state.tau_low:.2f}  "),
+                  Segment("╌", style(palette.hex("sedac-tau-high"))), Segment(f"tau_high {state.tau_high:.2f}")]
         if state.o1_events:
-            legend.append("  ◆", palette.style("sedac-o1"))
-            legend.append(f"O1×{len(state.o1_events)}")
-        known = [h for h in (_known(t.entropy_bits) for t in tokens) if h is not None]
+            legend += [Segment("  ◆", style(palette.hex("sedac-o1"))), Segment(f"O1×{len(state.o1_events)}")]
         if known and width >= 50:
-            legend.append(f"  max {max(known):.2f} bits", Style(dim=True))
-        return legend
+            legend.append(Segment(f"  max {max(known):.2f} bits", style(dim=True)))
+        return _crop(legend, width)
+
+
+def _crop(line: Line, width: int) -> Line:
+    """The line cut to `width` cells, ending in an ellipsis when it was longer."""
+    total = sum(seg.cell_length for seg in line)
+    if total <= width or width <= 0:
+        return line
+    out: Line = []
+    room = width - 1
+    for seg in line:
+        if room <= 0:
+            break
+        text = seg.text[:room]
+        out.append(Segment(text, seg.style))
+        room -= len(text)
+    out.append(Segment("…"))
+    return out
 
 
 def _known(value: float | None) -> float | None:

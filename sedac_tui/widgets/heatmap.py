@@ -4,13 +4,12 @@ the exit layer is marked; skipped layers, drafts accepted/rejected and O1 positi
 
 from __future__ import annotations
 
-from rich.style import Style
-from rich.text import Text
-from textual.widget import Widget
+from rich.segment import Segment
 
 from sedac_core.events import TokenEvent
 
 from .colors import Palette
+from .lines import Line, LinePanel, StyleCache
 from .state import ViewState
 
 EXIT_MARK = "◆"
@@ -18,17 +17,10 @@ SKIPPED = "░"
 COMPUTED = "█"
 
 
-class ExitHeatmap(Widget):
+class ExitHeatmap(LinePanel):
     DEFAULT_CSS = """
     ExitHeatmap { height: 1fr; min-height: 3; }
     """
-
-    def __init__(self, state: ViewState, **kwargs) -> None:
-        super().__init__(**kwargs)
-        self.state = state
-
-    def on_mount(self) -> None:
-        self.app.theme_changed_signal.subscribe(self, lambda _theme: self.refresh())
 
     def layer_rows(self, rows: int) -> list[tuple[int, int]]:
         """Split layers 1..num_layers into at most `rows` contiguous [first, last] groups, shallow first."""
@@ -41,71 +33,63 @@ class ExitHeatmap(Widget):
             groups.append((first, last))
         return groups
 
-    def render(self) -> Text:
+    def build(self, width: int, height: int, palette: Palette) -> list[Line]:
         state = self.state
-        palette = Palette(self.app.theme_variables)
-        width, height = self.content_size.width, self.content_size.height
-        out = Text(no_wrap=True, overflow="crop")
+        style = self.styles_cache
         if state.num_layers <= 0:
-            out.append("waiting for the model...", Style(dim=True))
-            return out
+            return [[Segment("waiting for the model...", style(dim=True))]]
         groups = self.layer_rows(max(1, height - 1))
         gutter = len(f"L{state.num_layers}") + 1
         columns = max(1, width - gutter)
         start, end = state.window(columns)
         tokens = state.tokens[start:end]
         o1_keys = state.o1_token_keys()
-        # header row: draft outcome / O1 / selection
-        out.append(" " * gutter)
+        selected = state.selected
+        header: Line = [Segment(" " * gutter)]
         for col, tok in enumerate(tokens):
-            out.append(*_header_cell(tok, (tok.generation_id, tok.index) in o1_keys, state.selected == start + col,
-                                     palette))
-        out.append("\n")
+            header.append(_header_cell(tok, (tok.generation_id, tok.index) in o1_keys, selected == start + col,
+                                       palette, style))
+        lines = [header]
+        label_style = style(dim=True)
         for r, (first, last) in enumerate(groups):
-            label = f"L{first}" if r == 0 or r == len(groups) - 1 or first == last else ""
+            label = f"L{first}" if r == 0 or first == last else ""
             if r == len(groups) - 1:
                 label = f"L{last}"
-            out.append(label.rjust(gutter - 1) + " ", Style(dim=True))
+            line: Line = [Segment(label.rjust(gutter - 1) + " ", label_style)]
             for col, tok in enumerate(tokens):
-                out.append(*_cell(tok, first, last, state, palette, selected=state.selected == start + col))
-            if r < len(groups) - 1:
-                out.append("\n")
-        return out
+                line.append(_cell(tok, first, last, state, palette, style, selected=selected == start + col))
+            lines.append(line)
+        return lines
 
 
-def _header_cell(tok: TokenEvent, is_o1: bool, selected: bool, palette: Palette) -> tuple[str, Style]:
+def _header_cell(tok: TokenEvent, is_o1: bool, selected: bool, palette: Palette, style: StyleCache) -> Segment:
     if is_o1 or tok.decision == "o1":
-        return "◆", palette.style("sedac-o1", bold=True)
+        return Segment("◆", style(palette.hex("sedac-o1"), bold=True))
     if tok.draft == "accepted":
-        return "✓", palette.style("sedac-accepted", bold=True)
+        return Segment("✓", style(palette.hex("sedac-accepted"), bold=True))
     if tok.draft == "rejected":
-        return "✗", palette.style("sedac-rejected", bold=True)
+        return Segment("✗", style(palette.hex("sedac-rejected"), bold=True))
     if tok.draft == "verified":
-        return "•", palette.style("sedac-computed")
+        return Segment("•", style(palette.hex("sedac-computed")))
     if selected:
-        return "▾", palette.style("sedac-select", bold=True)
-    return " ", Style()
+        return Segment("▾", style(palette.hex("sedac-select"), bold=True))
+    return Segment(" ")
 
 
-def _cell(tok: TokenEvent, first: int, last: int, state: ViewState, palette: Palette,
-          selected: bool) -> tuple[str, Style]:
+def _cell(tok: TokenEvent, first: int, last: int, state: ViewState, palette: Palette, style: StyleCache,
+          selected: bool) -> Segment:
     exit_layer = tok.exit_layer or state.num_layers
-    bg = palette.color("sedac-select").rich_color if selected else None
+    bg = palette.hex("sedac-select") if selected else None
     if first > exit_layer:  # every layer of this row was skipped for this token
-        return SKIPPED, Style(color=palette.color("sedac-skip").rich_color, bgcolor=bg)
-    known = [v for k, v in (tok.layer_entropies or {}).items() if first <= int(k) <= min(last, exit_layer)]
+        return Segment(SKIPPED, style(palette.hex("sedac-skip"), bg))
+    rejected = tok.draft == "rejected"
     if first <= exit_layer <= last:
         color = palette.entropy_color(tok.entropy_bits, state.tau_low, state.tau_high)
-        style = Style(color=palette.color("sedac-exit").rich_color, bgcolor=color.rich_color, bold=True,
-                      underline=selected)
-        if tok.draft == "rejected":
-            style += Style(strike=True, dim=True)
-        return EXIT_MARK, style
+        return Segment(EXIT_MARK, style(palette.hex("sedac-exit"), color.hex, bold=True, underline=selected,
+                                        strike=rejected, dim=rejected))
+    known = [v for k, v in (tok.layer_entropies or {}).items() if first <= int(k) <= min(last, exit_layer)]
     if known:
-        color = palette.entropy_color(sum(known) / len(known), state.tau_low, state.tau_high)
+        color = palette.entropy_color(sum(known) / len(known), state.tau_low, state.tau_high).hex
     else:
-        color = palette.color("sedac-computed")
-    style = Style(color=color.rich_color, bgcolor=bg)
-    if tok.draft == "rejected":
-        style += Style(dim=True)
-    return COMPUTED, style
+        color = palette.hex("sedac-computed")
+    return Segment(COMPUTED, style(color, bg, dim=rejected))

@@ -50,7 +50,7 @@ async def send(pilot, text: str) -> None:
 
 async def idle(pilot) -> None:
     app = pilot.app
-    await wait_for(pilot, lambda: app.live is not None and not app.live.busy and not app._inbox
+    await wait_for(pilot, lambda: app.live is not None and not app.live.busy and app.drawn
                    and app.state.status == "ready" and not app.pending_prompts, what="the generation to finish")
 
 

@@ -42,7 +42,7 @@ async def test_heatmap_marks_exit_skipped_and_drafts():
             state.apply(event)
         app._refresh_panels()
         await pilot.pause()
-        lines = app.query_one(ExitHeatmap).render().plain.split("\n")
+        lines = app.query_one(ExitHeatmap).plain().split("\n")
         header, rows = lines[0], lines[1:]
         assert len(rows) == 8  # one row per layer when there is room
         gutter = len("L8") + 1
@@ -62,11 +62,11 @@ async def test_sparkline_draws_tau_levels_and_o1_marks():
         state.apply(_tok(1, 8, 2.0, decision="o1"))
         app._refresh_panels()
         await pilot.pause()
-        text = app.query_one(EntropySparkline).render().plain
+        text = app.query_one(EntropySparkline).plain()
         chart, legend = text.rsplit("\n", 1)
         assert chart.count("╌") > 20  # both levels run across the empty part of the chart
         assert "tau_low 0.50" in legend and "tau_high 4.50" in legend
         state.tau_low, state.tau_high = 0.3, 2.5  # a threshold change redraws the levels
         app._refresh_panels()
         await pilot.pause()
-        assert "tau_high 2.50" in app.query_one(EntropySparkline).render().plain
+        assert "tau_high 2.50" in app.query_one(EntropySparkline).plain()
