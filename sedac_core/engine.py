@@ -148,7 +148,10 @@ class SedacEngine:
         self.num_layers = self.anatomy.num_layers
         self.device = bundle.device
         self.dtype = bundle.dtype
-        self._lock = threading.Lock()
+        # held for a whole generation, and by whatever swaps what a generation reads (exit heads, Ghost KV,
+        # calibration): a swap waits for the generation boundary. Re-entrant: recalibrate holds it across its
+        # measurement and the swap.
+        self._lock = threading.RLock()
         self._settings_lock = threading.Lock()
         self._tau_low = self.config.tau_low
         self._tau_high = self.config.tau_high
@@ -177,6 +180,7 @@ class SedacEngine:
         # predictor, when the profile has one; sedac.enable_ghost_kv selects it); or "oracle" (run them at once:
         # the reference for what a fill costs in quality, never faster)
         self.kv_fill = self.config.sedac.kv_fill
+        self._fill = self.kv_fill  # the fill of the generation in progress (kv_fill may change for the next one)
         # deferred fill: exited positions whose upper layers have not run yet, oldest first, as
         # (position, hidden state [1, 1, H] after `depth` layers, depth); their depths never increase along the list
         self._pending: list[tuple[int, torch.Tensor, int]] = []
@@ -231,7 +235,12 @@ class SedacEngine:
         self.use_ghost_kv(ghost, select=wanted)
 
     def use_ghost_kv(self, ghost: GhostKV | None, select: bool = True) -> None:
-        """Install (or remove) a Ghost KV; with `select`, make it the KV fill."""
+        """Install (or remove) a Ghost KV; with `select`, make it the KV fill (from the next generation: waits for
+        one in progress)."""
+        with self._lock:
+            self._use_ghost_kv(ghost, select)
+
+    def _use_ghost_kv(self, ghost: GhostKV | None, select: bool) -> None:
         self.ghost_kv = None if ghost is None else ghost.to(self.device, self.dtype)
         if ghost is None and self.kv_fill == "ghost":
             self.kv_fill = self.config.sedac.kv_fill
@@ -240,7 +249,12 @@ class SedacEngine:
             self.ghost_notice = ""
 
     def use_exit_heads(self, heads: ExitHeads | None, apply_calibration: bool = True) -> None:
-        """Install (or remove) exit heads; apply their calibrated thresholds when auto_calibrate is on."""
+        """Install (or remove) exit heads; apply their calibrated thresholds when auto_calibrate is on. Waits for a
+        generation in progress: it keeps the heads, gate and decision head it began with."""
+        with self._lock:
+            self._use_exit_heads(heads, apply_calibration)
+
+    def _use_exit_heads(self, heads: ExitHeads | None, apply_calibration: bool) -> None:
         if heads is None:
             self.exit_heads = None
             self._decision_head = None
@@ -336,6 +350,18 @@ class SedacEngine:
         """None: adaptive thresholds are off; True: paused by a manual change; False: adapting."""
         return None if self._adaptive is None else self._adaptive.paused
 
+    @property
+    def adaptive_moves_tau_low(self) -> bool:
+        """Whether adaptation moves tau_low too (to P50), or only tau_high (to P90). A tau_low set by hand (user,
+        api) or by a target-agreement calibration stays where it was put; one from the config's defaults or a
+        percentile calibration follows the session."""
+        if self._tau_low_source in MANUAL_SOURCES:
+            return False
+        if self._tau_low_source == "calibration":
+            cal = (self.exit_heads.meta.get("calibration") or {}) if self.exit_heads is not None else {}
+            return cal.get("method") == "percentile"
+        return True
+
     def set_adaptive(self, enabled: bool) -> None:
         """Turn adaptive thresholds on (resuming after a manual change, keeping what was observed) or off."""
         with self._settings_lock:
@@ -353,9 +379,7 @@ class SedacEngine:
         if adaptive is None:
             return None
         adaptive.observe(entropy_bits)
-        cal = (self.exit_heads.meta.get("calibration") or {}) if self.exit_heads is not None else {}
-        pinned = self._tau_low_source == "calibration" and cal.get("method") != "percentile"
-        update = adaptive.propose(self._tau_low, self._tau_high, move_tau_low=not pinned)
+        update = adaptive.propose(self._tau_low, self._tau_high, move_tau_low=self.adaptive_moves_tau_low)
         if update is None:
             return None
         lo = update.tau_low
@@ -408,13 +432,13 @@ class SedacEngine:
         texts = list(prompts or self._seen_prompts) or load_prompts(shipped="calibration")
         heads = self.exit_heads
         target = target_agreement or float(heads.meta.get("calibration", {}).get("target_agreement") or 0.98)
-        with self._lock:
+        with self._lock:  # no generation runs until the new heads and thresholds are in, all together
             data = collect_exit_data(self.bundle, texts, heads.layers, max_tokens=max_tokens, batch_size=8)
             cal = calibrate_heads(self.bundle, heads.to("cpu", torch.float32), data, target_agreement=target)
-        heads.meta["calibration"] = cal.to_meta()
-        self.use_exit_heads(heads, apply_calibration=False)
-        self._tau_floor = min(self._tau_floor, cal.entropy_threshold_min)
-        return self.set_thresholds(tau_low=cal.tau_low, tau_high=cal.tau_high, source="calibration")
+            heads.meta["calibration"] = cal.to_meta()
+            self._use_exit_heads(heads, apply_calibration=False)
+            self._tau_floor = min(self._tau_floor, cal.entropy_threshold_min)
+            return self.set_thresholds(tau_low=cal.tau_low, tau_high=cal.tau_high, source="calibration")
 
     def reset(self) -> None:
         """Forget the cached prefix (the next generation prefills from scratch)."""
@@ -526,7 +550,7 @@ class SedacEngine:
         (_exit_estimate); the first below tau_low exits, and the skipped layers' K/V at this position are filled
         by the KV fill: propagation, Ghost KV, the oracle's full run, or (deferred) later, with the next token."""
         self._gated = []
-        if self.kv_fill == "deferred":
+        if self._fill == "deferred":
             return self._forward_exit_deferred(token_id, pos)
         a = self.anatomy
         cache = self._cache
@@ -547,11 +571,11 @@ class SedacEngine:
             estimates[depth] = est
             if self.policy.decide(depth, est, tau_low) == EXIT and depth < self.num_layers:
                 logits = self._exit_logits(reduced, normed)
-                if self.kv_fill == "oracle":  # reference only: the skipped layers run anyway for their true K/V
+                if self._fill == "oracle":  # reference only: the skipped layers run anyway for their true K/V
                     for rest in a.layers[depth:]:
                         x = a.layer_forward(rest, x, cache, pos, cos, sin)
                     cache.length = pos + 1
-                elif self.kv_fill == "ghost" and self.ghost_kv is not None and depth in self.ghost_kv.trunk:
+                elif self._fill == "ghost" and self.ghost_kv is not None and depth in self.ghost_kv.trunk:
                     self._fill_ghost(x, depth, pos, cos, sin)
                 else:
                     self._fill_skipped(x, depth, pos, cos, sin)
@@ -701,10 +725,15 @@ class SedacEngine:
         cache.truncate(reuse)
         self._generation_id += 1
         gid = self._generation_id
+        # what decides this generation's path is read once, here: a control changed while it runs (mode, O1,
+        # Ghost KV) applies from the next one; thresholds apply from the next token
+        self._fill = self.kv_fill
+        forced = req.forced_tokens
+        use_o1 = (self._o1 if req.o1 is None else req.o1) and forced is None
         yield self._emit(GenerationStart(
             generation_id=gid, mode=mode, prompt_tokens=len(prompt_ids), max_new_tokens=max_new,
             tau_low=self._tau_low, tau_high=self._tau_high, temperature=req.temperature, top_p=req.top_p,
-            seed=req.seed, num_layers=self.num_layers, time=time.time(),
+            seed=req.seed, num_layers=self.num_layers, time=time.time(), o1=use_o1, kv_fill=self._fill,
         ))
         generator = None
         if req.temperature > 0:
@@ -722,11 +751,9 @@ class SedacEngine:
         if use_exit and self.ghost_notice:  # Ghost KV asked for but unavailable: say so once
             yield self._emit(Notice(message=self.ghost_notice, time=time.time()))
             self.ghost_notice = ""
-        forced = req.forced_tokens
         if forced is not None:
             max_new = min(max_new, len(forced))
         cur_exit = self.num_layers  # the depth at which the current logits were produced
-        use_o1 = (self._o1 if req.o1 is None else req.o1) and forced is None
         o1_budget = self.reasoner.begin()
         # lossless: rounds of drafts verified at full depth (teacher forcing has nothing to draft: full depth)
         drafter = self._lossless_drafter(mode, forced is None)

@@ -18,7 +18,7 @@ from typing import Any, Callable, ClassVar, Mapping
 log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = "1.2"  # major.minor: bump the major when a field changes meaning, the minor when one is added
-# (1.2: a token's entropy_bits may be null)
+# (1.2: a token's entropy_bits may be null; generation_start says o1 and kv_fill)
 
 
 @dataclass(frozen=True)
@@ -173,6 +173,8 @@ class GenerationStart(Event):
     seed: int | None = None
     num_layers: int = 0
     time: float = 0.0
+    o1: bool = False  # O1 deep reasoning on for this generation
+    kv_fill: str = ""  # how this generation fills an exited token's skipped layers (exit mode; "" before 1.2)
 
 
 @dataclass(frozen=True)

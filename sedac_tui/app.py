@@ -7,11 +7,12 @@ import collections
 import datetime as _dt
 import logging
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from textual import on
+from textual import events, on
 from textual.app import App, ComposeResult, SystemCommand
 from textual.binding import Binding
 from textual.containers import Container, Horizontal, Vertical
@@ -57,6 +58,7 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THEME = "sedac-dark"
 THEMES_DIR = bundled_dir(__file__, "themes", "_themes", f"{DEFAULT_THEME}.yaml")
+FRAME_RATE = 10  # screen updates per second while tokens stream (text and panels)
 TAU_LOW_STEP = 0.1
 TAU_HIGH_STEP = 0.25
 THEME_SUFFIXES = (".yaml", ".yml")
@@ -168,35 +170,47 @@ class ModelFailed:
     error: str
 
 
+@dataclass(frozen=True)
+class CalibrationFinished:
+    error: str | None = None
+
+
 # --------------------------------------------------------------------------------------------------------------
-# bindings: every action has an id (remappable through config tui.keymap) and a modifier/function-key alternative
-# to its single-character key, so it also works while the prompt has focus.
+# bindings. The rule a person can rely on: typing always types. In live chat every printable key goes to the prompt,
+# wherever the focus is; actions live on function keys, ctrl combinations and the palette (ctrl+p), so they work
+# while typing and while an answer streams. Replay has no prompt, so there single keys act as well. Every action has
+# an id: config tui.keymap remaps it.
+
+THRESHOLDS = Binding.Group("thresholds")
 
 BINDINGS: list[Binding] = [
-    Binding("f1,question_mark", "help", "Help", id="help"),
-    Binding("escape", "cancel", "Stop / leave input", id="cancel"),
-    Binding("left_square_bracket,f5", "tau_low(-1)", "Lower tau_low", show=False, id="tau_low_down"),
-    Binding("right_square_bracket,f6", "tau_low(1)", "Raise tau_low", show=False, id="tau_low_up"),
-    Binding("left_curly_bracket,f7", "tau_high(-1)", "Lower tau_high", show=False, id="tau_high_down"),
-    Binding("right_curly_bracket,f8", "tau_high(1)", "Raise tau_high", show=False, id="tau_high_up"),
-    Binding("f4,m", "cycle_mode", "Mode", id="cycle_mode"),
-    Binding("o,f9", "toggle_o1", "O1 reasoning", show=False, id="toggle_o1"),
-    Binding("g,f10", "toggle_ghost_kv", "Ghost KV", show=False, id="toggle_ghost_kv"),
-    Binding("c,f3", "calibrate", "Re-calibrate", show=False, id="calibrate"),
-    Binding("a", "resume_adaptive", "Resume adaptive thresholds", show=False, id="resume_adaptive"),
-    Binding("t,ctrl+t", "cycle_theme", "Theme", show=False, id="cycle_theme"),
+    Binding("f1", "help", "Help", id="help"),
+    Binding("escape", "cancel", "Stop", id="cancel"),
+    Binding("f2", "inspector", "Inspect", id="inspector"),
+    Binding("f3", "calibrate", "Re-calibrate", show=False, id="calibrate"),
+    Binding("f4", "cycle_mode", "Mode", id="cycle_mode"),
+    Binding("f5", "tau_low(-1)", "Lower tau_low", id="tau_low_down", group=Binding.Group("tau_low")),
+    Binding("f6", "tau_low(1)", "Raise tau_low", id="tau_low_up", group=Binding.Group("tau_low")),
+    Binding("f7", "tau_high(-1)", "Lower tau_high", id="tau_high_down", group=Binding.Group("tau_high")),
+    Binding("f8", "tau_high(1)", "Raise tau_high", id="tau_high_up", group=Binding.Group("tau_high")),
+    Binding("f9", "toggle_o1", "O1 reasoning", show=False, id="toggle_o1"),
+    Binding("f10", "toggle_ghost_kv", "Ghost KV", show=False, id="toggle_ghost_kv"),
+    Binding("ctrl+g", "resume_adaptive", "Resume adaptive thresholds", show=False, id="resume_adaptive"),
+    Binding("f12", "toggle_panels", "Panels", show=False, id="toggle_panels"),
+    Binding("ctrl+t", "cycle_theme", "Theme", show=False, id="cycle_theme"),
     Binding("ctrl+s", "save_theme", "Save theme to config", show=False, id="save_theme"),
-    Binding("f2,i", "inspector", "Inspect", id="inspector"),
-    Binding("p,f12", "toggle_panels", "Panels", show=False, id="toggle_panels"),
-    Binding("slash", "focus_prompt", "Type", show=False, id="focus_prompt"),
+    # replay only: there is no prompt, so single keys are free
     Binding("space", "replay_pause", "Pause", id="replay_pause"),
     Binding("right", "replay_step", "Step", id="replay_step"),
     Binding("plus,equals_sign", "replay_speed(1)", "Faster", show=False, id="replay_faster"),
     Binding("minus", "replay_speed(-1)", "Slower", show=False, id="replay_slower"),
+    Binding("i", "replay_key('inspector')", "Inspect", show=False, id="replay_inspector"),
+    Binding("p", "replay_key('toggle_panels')", "Panels", show=False, id="replay_panels"),
+    Binding("t", "replay_key('cycle_theme')", "Theme", show=False, id="replay_theme"),
+    Binding("question_mark", "replay_key('help')", "Help", show=False, id="replay_help"),
 ]
-LIVE_ONLY = {"tau_low", "tau_high", "cycle_mode", "toggle_o1", "toggle_ghost_kv", "calibrate", "resume_adaptive",
-             "focus_prompt"}
-REPLAY_ONLY = {"replay_pause", "replay_step", "replay_speed"}
+LIVE_ONLY = {"tau_low", "tau_high", "cycle_mode", "toggle_o1", "toggle_ghost_kv", "calibrate", "resume_adaptive"}
+REPLAY_ONLY = {"replay_pause", "replay_step", "replay_speed", "replay_key"}
 BINDING_IDS = [b.id for b in BINDINGS if b.id] + ["app.quit", "app.command_palette"]
 
 
@@ -260,7 +274,13 @@ class SedacChatApp(App[None]):
         self._inbox: collections.deque[object] = collections.deque()
         self._unsubscribe = self.bus.subscribe(self._deliver)
         self._turn_ended = False
+        self._unshown: list[str] = []  # streamed text not yet on screen (drawn at the next frame)
+        self._panels_dirty = False
+        self._flush_timer: Any = None
+        self._last_flush = 0.0
         self._loader: threading.Thread | None = None
+        self._focus_before_inspector: Any = None
+        self._main_screen: Screen | None = None
         if self.config.tui.keymap:
             check_keymap(self.config.tui.keymap)
 
@@ -277,9 +297,10 @@ class SedacChatApp(App[None]):
                     yield TokenInspector(self.state, id="inspector")
                 prompt = Input(
                     placeholder="replay: input disabled" if self.replay_mode
-                    else "Ask something… (Enter: send · Esc: stop / leave the box)",
+                    else "Ask something… (Enter: send · Esc: stop · F1: keys)",
                     id="prompt",
                     disabled=self.replay_mode,
+                    select_on_focus=False,  # focus comes back with a typed key: selecting would let it replace the text
                 )
                 prompt.cursor_blink = self._cursor_blink
                 yield prompt
@@ -300,6 +321,7 @@ class SedacChatApp(App[None]):
         return dict(PANEL_COLOR_DEFAULTS)
 
     def on_mount(self) -> None:
+        self._main_screen = self.screen
         if self.config.tui.keymap:
             self.set_keymap(dict(self.config.tui.keymap))
         for name, error in self._theme_errors.items():
@@ -333,11 +355,46 @@ class SedacChatApp(App[None]):
         self.post_message(EventsAvailable())
 
     async def on_events_available(self, _message: EventsAvailable) -> None:
-        panels_dirty = False
         while self._inbox:
             item = self._inbox.popleft()
-            panels_dirty |= await self._handle(item)
-        if panels_dirty:
+            if isinstance(item, TokenEvent):  # the hot path: state now, screen at the next frame
+                self.state.apply(item)
+                if item.text:
+                    self._unshown.append(item.text)
+                self._panels_dirty = True
+                continue
+            if isinstance(item, (GenerationStart, GenerationEnd, ErrorEvent, Notice, UserMessage, SourceFinished)):
+                await self._flush()  # what streamed so far goes on screen before the transcript changes
+            self._panels_dirty |= await self._handle(item)
+        self._schedule_flush()
+
+    def _schedule_flush(self) -> None:
+        """Draw what arrived at most FRAME_RATE times a second: the first change of a quiet spell at once, the
+        rest of a burst at the next frame. Per token, the panels' repaints and the Markdown re-parse took more of
+        the two cores than decoding did."""
+        if self._flush_timer is not None or not (self._unshown or self._panels_dirty):
+            return
+        delay = max(0.001, self._last_flush + 1.0 / FRAME_RATE - time.monotonic())  # (a 0 s timer divides by 0)
+        self._flush_timer = self.set_timer(delay, self._flush)
+
+    @property
+    def drawn(self) -> bool:
+        """Whether everything that arrived is on screen (no frame pending)."""
+        return not self._inbox and not self._unshown and not self._panels_dirty and self._flush_timer is None
+
+    async def _flush(self) -> None:
+        if self._flush_timer is not None:
+            self._flush_timer.stop()
+            self._flush_timer = None
+        self._last_flush = time.monotonic()
+        if not self.query("#conversation"):  # shutting down: the widgets are gone
+            return
+        if self._unshown:
+            text = "".join(self._unshown)
+            self._unshown.clear()
+            await self.query_one(Conversation).append(text)
+        if self._panels_dirty:
+            self._panels_dirty = False
             self._refresh_panels()
 
     async def _handle(self, item: object) -> bool:
@@ -384,6 +441,12 @@ class SedacChatApp(App[None]):
         if isinstance(item, ModelReady):
             await self._model_ready(item.engine)
             return True
+        if isinstance(item, CalibrationFinished):
+            self.state.status = "ready"
+            if item.error is None:
+                self.notify(f"re-calibrated: tau_low {self.state.tau_low:.2f}, tau_high {self.state.tau_high:.2f}")
+            self._send_next()
+            return True
         if isinstance(item, ModelFailed):
             self.state.status = "error"
             await conversation.add_notice(f"the model failed to load: {item.error}", error=True)
@@ -404,12 +467,14 @@ class SedacChatApp(App[None]):
             if item.error is not None:
                 self.history.pop()  # the turn failed: don't send it again with the next prompt
         self.state.status = "ready"
+        self.state.running = None
         self._send_next()
         return True
 
     def _refresh_panels(self) -> None:
         for widget_id in ("#stats", "#sparkline", "#heatmap", "#o1-list", "#inspector"):
-            self.query_one(widget_id).refresh()
+            for widget in self.query(widget_id):  # (none while shutting down)
+                widget.refresh()
 
     # -- live: loading, sending, recording ---------------------------------------------------------------------
     def _start_loading(self) -> None:
@@ -470,6 +535,7 @@ class SedacChatApp(App[None]):
             self._unrecorded.append(message)
         self.bus.publish(message)
         self.pending_prompts.append(text)
+        self.state.waiting_prompts = len(self.pending_prompts)
         if self.live is None:
             if self.state.status == "error":
                 self.notify("the model failed to load; this prompt cannot be answered", severity="error")
@@ -479,9 +545,10 @@ class SedacChatApp(App[None]):
         self._send_next()
 
     def _send_next(self) -> None:
-        if self.live is None or self.live.busy or not self.pending_prompts:
+        if self.live is None or self.live.busy or not self.pending_prompts or self.state.status == "calibrating":
             return
         text = self.pending_prompts.pop(0)
+        self.state.waiting_prompts = len(self.pending_prompts)
         self.history.append({"role": "user", "content": text})
         self._turn_ended = False
         gen = self.config.generation
@@ -494,6 +561,24 @@ class SedacChatApp(App[None]):
         self.live.start(request)
 
     # -- actions ------------------------------------------------------------------------------------------------
+    def on_key(self, event: events.Key) -> None:
+        """Typing always types: a printable key that reached the app (the focus is outside the prompt, and nothing
+        there used the key) goes to the prompt, and the focus with it."""
+        if self.replay_mode or not event.is_printable or event.character is None:
+            return
+        if self.screen is not self._main_screen:  # an overlay (help, palette) keeps its own keys
+            return
+        prompt = self.query_one("#prompt", Input)
+        if prompt.disabled:
+            return
+        event.stop()
+        event.prevent_default()
+        prompt.focus()
+        prompt.insert_text_at_cursor(event.character)
+
+    def action_replay_key(self, action: str) -> None:
+        self.run_action(action)
+
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in LIVE_ONLY and self.replay_mode:
             return False
@@ -590,7 +675,12 @@ class SedacChatApp(App[None]):
             self.notify("adaptive thresholds are already on")
             return
         self._control(lambda: self.live.resume_adaptive())  # type: ignore[union-attr]
-        self.notify("adaptive thresholds resumed: tau_high follows this session's P90 again (every 32 tokens)")
+        if getattr(self.engine, "adaptive_moves_tau_low", False):
+            self.notify("adaptive thresholds resumed: tau_high follows this session's P90 and tau_low its P50 "
+                        "again (every 32 tokens)")
+        else:
+            self.notify(f"adaptive thresholds resumed: tau_high follows this session's P90 again (every 32 tokens); "
+                        f"tau_low stays at {self.engine.tau_low:.2f}, where it was set")
 
     def calibrate_unavailable(self) -> str | None:
         if self.engine is None:
@@ -607,17 +697,25 @@ class SedacChatApp(App[None]):
         if self.live is not None and self.live.busy:
             self.notify("wait for the generation to finish before re-calibrating", severity="warning")
             return
+        if self.state.status == "calibrating":
+            self.notify("re-calibration is already running")
+            return
         engine = self.engine
 
         def run() -> None:
+            error = None
             try:
                 engine.recalibrate()
-            except Exception as exc:
-                self.bus.publish(ErrorEvent(message=f"re-calibration failed: {exc}", where="calibration",
-                                            time=_now()))
+            except Exception as exc:  # noqa: BLE001 - shown in the conversation; the chat goes on
+                error = f"re-calibration failed: {exc}"
+                self.bus.publish(ErrorEvent(message=error, where="calibration", time=_now()))
+            self._deliver(CalibrationFinished(error))
 
+        # prompts sent meanwhile wait (the engine would hold them anyway, and the app would look stuck generating)
+        self.state.status = "calibrating"
+        self._refresh_panels()
         threading.Thread(target=run, name="sedac-calibrate", daemon=True).start()
-        self.notify("re-calibrating thresholds on this session's data…")
+        self.notify("re-calibrating thresholds on this session's data… prompts you send meanwhile wait")
 
     def theme_cycle(self) -> list[str]:
         return list(self._sedac_themes) or [DEFAULT_THEME]
@@ -649,16 +747,24 @@ class SedacChatApp(App[None]):
         self.notify(f"theme '{self.theme}' saved to {_display_path(path)}")
 
     def action_inspector(self) -> None:
+        """Open the inspector (the focus moves into it), focus it again if typing took the focus away, or close it
+        (the focus goes back where it was before it opened)."""
         screen = self.screen
         inspector = self.query_one(TokenInspector)
+        if screen.has_class("-inspecting") and self.focused is not inspector and not self.replay_mode:
+            inspector.focus()
+            return
         if screen.has_class("-inspecting"):
             screen.remove_class("-inspecting")
             self.state.selected = None
-            if self.replay_mode:
-                self.set_focus(None)
+            back = self._focus_before_inspector
+            self._focus_before_inspector = None
+            if back is not None and back.is_attached and back.focusable:
+                back.focus()
             else:
-                self.query_one("#prompt", Input).focus()
+                self.set_focus(None)
         else:
+            self._focus_before_inspector = self.focused
             screen.add_class("-inspecting")
             if self.state.tokens:
                 self.state.selected = len(self.state.tokens) - 1
@@ -678,16 +784,12 @@ class SedacChatApp(App[None]):
             self.notify("stopping at the next token…", timeout=2)
             return
         if self.screen.has_class("-inspecting"):
+            if self.focused is not self.query_one(TokenInspector):
+                self.query_one(TokenInspector).focus()
             self.action_inspector()
-            return
-        if isinstance(self.focused, Input):
-            self.set_focus(None)
 
     def action_toggle_panels(self) -> None:
         self.screen.toggle_class("-no-panels")
-
-    def action_focus_prompt(self) -> None:
-        self.query_one("#prompt", Input).focus()
 
     def action_replay_pause(self) -> None:
         if self.replay is not None:
@@ -725,11 +827,22 @@ class SedacChatApp(App[None]):
         return ""
 
     def help_rows(self) -> list[tuple[str, str, str]]:
-        rows = [(self._keys_for(b), b.description, self._unavailable_note(b.action)) for b in BINDINGS]
+        rows = []
+        if self.replay_mode:
+            rows.append(("", "Replay: no prompt, so single keys act too", ""))
+        else:
+            rows.append(("", "Typing always types: every printable key goes to the prompt, wherever the focus is. "
+                             "Actions are on function keys and ctrl, and all of them are in the palette (ctrl+p).", ""))
+        for b in BINDINGS:
+            note = self._unavailable_note(b.action)
+            if note in ("live chat only", "replay only"):
+                continue
+            rows.append((self._keys_for(b), b.description, note))
         rows.append(("ctrl+p", "Command palette (every action)", ""))
         rows.append(("ctrl+q", "Quit", ""))
-        rows.append(("tab / shift+tab", "Move focus (out of the input: single keys then act)", ""))
-        rows.append(("←/→ home/end", "In the inspector: move along the tokens", ""))
+        rows.append(("←/→ home/end", "In the inspector: move along the tokens (Esc or F2 closes it)", ""))
+        if not self.replay_mode:
+            rows.append(("Enter", "Send the prompt (sent while an answer streams, it waits its turn)", ""))
         return rows
 
     def get_system_commands(self, screen: Screen) -> Iterable[SystemCommand]:

@@ -27,11 +27,13 @@ class ViewState:
     tau_high: float = 4.5
     enable_o1_reasoning: bool = False
     enable_ghost_kv: bool = False
-    status: str = "starting"  # loading | ready | generating | error | replay | replay-done
+    status: str = "starting"  # loading | ready | generating | calibrating | error | replay | replay-done
     session_file: str | None = None  # None: not recorded
+    waiting_prompts: int = 0  # prompts sent that have not started (the app keeps the count)
     tokens: list[TokenEvent] = field(default_factory=list)  # every generated token of the session, in order
     o1_events: list[O1Event] = field(default_factory=list)
     generation_id: int | None = None  # the generation in progress (or the last one)
+    running: GenerationStart | None = None  # the generation in progress, with the settings it runs with
     generation_start: int = 0  # index into tokens where the current generation began
     last_end: GenerationEnd | None = None
     selected: int | None = None  # token index shown in the inspector (None: the inspector follows the stream)
@@ -56,7 +58,12 @@ class ViewState:
         elif isinstance(event, GenerationStart):
             self.generation_id = event.generation_id
             self.generation_start = len(self.tokens)
-            self.mode = event.mode
+            self.running = event
+            if event.kv_fill:  # (a file before schema 1.2 does not say: the mode changes say it)
+                self.mode, self.enable_o1_reasoning = event.mode, event.o1
+                self.enable_ghost_kv = event.kv_fill == "ghost"
+            else:
+                self.mode = event.mode
             self.tau_low, self.tau_high = event.tau_low, event.tau_high
             if event.num_layers:
                 self.num_layers = event.num_layers
@@ -79,6 +86,31 @@ class ViewState:
             self.enable_ghost_kv = event.enable_ghost_kv
         elif isinstance(event, GenerationEnd):
             self.last_end = event
+            self.running = None
+
+    def pending_settings(self) -> str | None:
+        """What the next generation will run with, when a control changed it during this one (mode, O1, Ghost
+        KV apply at the generation boundary), as the stats bar shows it; None when nothing waits."""
+        run = self.running
+        if run is None:
+            return None
+        changed = run.mode != self.mode
+        if run.kv_fill:
+            changed |= run.o1 != self.enable_o1_reasoning or (run.kv_fill == "ghost") != self.enable_ghost_kv
+        return self.settings_label(self.mode, self.enable_o1_reasoning, self.enable_ghost_kv) if changed else None
+
+    def running_label(self) -> str:
+        """The settings the shown generation runs with (or the engine's, between generations)."""
+        run = self.running
+        if run is not None and run.kv_fill:
+            return self.settings_label(run.mode, run.o1, run.kv_fill == "ghost")
+        if run is not None:
+            return run.mode
+        return self.settings_label(self.mode, self.enable_o1_reasoning, self.enable_ghost_kv)
+
+    @staticmethod
+    def settings_label(mode: str, o1: bool, ghost_kv: bool) -> str:
+        return mode + (" +O1" if o1 else "") + (" +GhostKV" if ghost_kv else "")
 
     # -- derived numbers (live while a generation runs, authoritative from generation_end) ----------
     @property

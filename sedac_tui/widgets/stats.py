@@ -37,7 +37,8 @@ class StatsBar(Widget):
             item("model", "failed to load", Style(bold=True, color="red"))
         else:
             item("model", f"{s.model or '?'} ({s.num_layers}L)" if s.num_layers else (s.model or "?"))
-        item("mode", s.mode + (" +O1" if s.enable_o1_reasoning else "") + (" +GhostKV" if s.enable_ghost_kv else ""))
+        pending = s.pending_settings()
+        item("mode", s.running_label() + (f" → {pending} after this answer" if pending else ""))
         item("tau_low", f"{s.tau_low:.2f}")
         adaptive = s.threshold_source == "adaptive"
         item("tau_high", f"{s.tau_high:.2f}" + (" =P90" if adaptive else ""))
@@ -48,6 +49,8 @@ class StatsBar(Widget):
         item("tok/s", f"{tps:.1f}" if tps is not None else "–")
         item("skip", f"{skip:.0%}" if skip is not None else "–")
         item("avg exit", f"{avg:.1f}/{s.num_layers}" if avg is not None else "–")
+        if s.status == "calibrating":
+            item("re-calibrating", "prompts wait" if s.waiting_prompts else "…", Style(italic=True))
         if not s.status.startswith("replay"):
             item("session", s.session_file or "not recorded", Style() if s.session_file else Style(italic=True))
         return sep.join(parts)

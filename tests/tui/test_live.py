@@ -12,7 +12,7 @@ from sedac_core.errors import SedacError
 from sedac_core.events import GenerationEnd, ThresholdChange, TokenEvent, UserMessage
 from sedac_core.session import read_session
 from sedac_tui.app import SedacChatApp
-from sedac_tui.widgets import Conversation, StatsBar
+from sedac_tui.widgets import Conversation, StatsBar, TokenInspector
 from sedac_tui.widgets.conversation import AssistantBubble, NoticeLine, UserBubble
 
 from .helpers import idle, ready, scripted_app, send, wait_for
@@ -67,17 +67,16 @@ async def test_threshold_keys_change_engine_and_stats_bar(tmp_path):
     async with app.run_test() as pilot:
         await ready(pilot)
         engine = holder["engine"]
-        await pilot.press("escape")  # leave the input: single keys act now
-        assert not isinstance(app.focused, Input)
-        await pilot.press("right_square_bracket", "right_square_bracket")
-        await pilot.press("right_curly_bracket")
-        await pilot.press("left_curly_bracket", "left_curly_bracket")
+        assert isinstance(app.focused, Input)  # the threshold keys act while the prompt has the focus
+        await pilot.press("f6", "f6")
+        await pilot.press("f8")
+        await pilot.press("f7", "f7")
         await pilot.pause()
         assert engine.tau_low == 0.7
         assert engine.tau_high == 4.25
         await wait_for(pilot, lambda: "tau_low 0.70" in stats_text(app) and "tau_high 4.25" in stats_text(app),
                        what="the stats bar to show the new thresholds")
-        await pilot.press("left_square_bracket")
+        await pilot.press("f5")
         await pilot.pause()
         assert engine.tau_low == 0.6
     changes = [e for e in read_session(record).events if isinstance(e, ThresholdChange)]
@@ -100,6 +99,51 @@ async def test_single_keys_type_into_the_input_instead_of_acting():
         assert holder["engine"].tau_low == 0.6
 
 
+async def test_a_sentence_typed_outside_the_input_is_typed_not_acted_on():
+    """Typing always types: with the focus on the conversation (Tab), every key of a sentence lands in the prompt
+    (the first one moves the focus there) and no action fires."""
+    app, holder = scripted_app()
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await pilot.press("tab")
+        assert not isinstance(app.focused, Input)
+        sentence = "Write a short poem about the sea: [o] {g} c? t/p i!"
+        await pilot.press(*[_key(ch) for ch in sentence])
+        await pilot.pause()
+        assert app.query_one("#prompt", Input).value == sentence
+        assert isinstance(app.focused, Input)
+        assert not holder["engine"].calls and holder["engine"].mode == "full"
+        assert not app.screen.has_class("-inspecting") and not app.screen.has_class("-no-panels")
+        assert app.theme == "sedac-dark"
+
+
+async def test_the_inspector_gives_the_focus_back_where_it_was():
+    app, _ = scripted_app()
+    async with app.run_test() as pilot:
+        await ready(pilot)
+        await send(pilot, "hello")
+        await idle(pilot)
+        await pilot.press("f2")
+        assert app.screen.has_class("-inspecting") and isinstance(app.focused, TokenInspector)
+        await pilot.press("left")
+        assert app.state.selected == len(app.state.tokens) - 2
+        await pilot.press("x")  # typing types, even from the inspector; the inspector stays open
+        assert app.query_one("#prompt", Input).value == "x" and isinstance(app.focused, Input)
+        assert app.screen.has_class("-inspecting")
+        await pilot.press("f2")  # back into the inspector
+        assert isinstance(app.focused, TokenInspector)
+        await pilot.press("escape")  # closed: the focus returns to the prompt, where it was before it opened
+        assert not app.screen.has_class("-inspecting") and isinstance(app.focused, Input)
+        await pilot.press("tab", "f2", "escape")  # opened from the conversation: back to the conversation
+        assert app.focused is app.query_one("#conversation")
+
+
+def _key(ch: str) -> str:
+    names = {" ": "space", "[": "left_square_bracket", "]": "right_square_bracket", "{": "left_curly_bracket",
+             "}": "right_curly_bracket", "?": "question_mark", "!": "exclamation_mark", ":": "colon", "/": "slash"}
+    return names.get(ch, ch)
+
+
 async def test_mode_cycles_through_available_modes():
     app, holder = scripted_app()
     async with app.run_test() as pilot:
@@ -107,7 +151,7 @@ async def test_mode_cycles_through_available_modes():
         await pilot.press("escape")
         seen = []
         for _ in range(3):
-            await pilot.press("m")
+            await pilot.press("f4")
             await pilot.pause()
             seen.append(holder["engine"].mode)
             assert f"mode {holder['engine'].mode}" in stats_text(app)
@@ -118,7 +162,7 @@ async def test_mode_cycle_with_a_single_mode_explains_why():
     app, holder = scripted_app(modes=("full",))
     async with app.run_test() as pilot:
         await ready(pilot)
-        await pilot.press("escape", "m")
+        await pilot.press("escape", "f4")
         await pilot.pause()
         assert holder["engine"].mode == "full"
         assert any("only the 'full' mode" in m for m in notifications(app))
@@ -128,7 +172,7 @@ async def test_unavailable_features_are_refused_with_a_hint():
     app, holder = scripted_app()
     async with app.run_test() as pilot:
         await ready(pilot)
-        await pilot.press("escape", "o", "g", "c")
+        await pilot.press("escape", "f9", "f10", "f3")
         await pilot.pause()
         assert not [c for c in holder["engine"].calls if c[0] == "set_features"]
         msgs = notifications(app)
@@ -143,7 +187,7 @@ async def test_available_feature_toggles_through_the_engine():
     app, holder = scripted_app(features={"o1": True, "ghost_kv": False})
     async with app.run_test() as pilot:
         await ready(pilot)
-        await pilot.press("escape", "o")
+        await pilot.press("escape", "f9")
         await pilot.pause()
         assert ("set_features", True, None) in holder["engine"].calls
         assert app.state.enable_o1_reasoning
@@ -251,7 +295,7 @@ async def test_keymap_from_config_remaps_bindings():
     app, holder = scripted_app(config=config)
     async with app.run_test() as pilot:
         await ready(pilot)
-        await pilot.press("escape", "right_square_bracket")
+        await pilot.press("escape", "f6")
         await pilot.pause()
         assert holder["engine"].tau_low == 0.5
         await pilot.press("ctrl+up")
@@ -295,7 +339,7 @@ async def test_inspector_moves_along_tokens():
         await ready(pilot)
         await send(pilot, "x")
         await idle(pilot)
-        await pilot.press("escape", "i")
+        await pilot.press("escape", "f2")
         await pilot.pause()
         assert app.screen.has_class("-inspecting")
         assert app.state.selected == len(SCRIPT) - 1
@@ -309,7 +353,7 @@ async def test_inspector_moves_along_tokens():
         assert app.state.selected == 3 and "exit layer 6/8" in lines[1]
         assert [line for line in lines if "(gate: not checked)" in line] == [
             next(line for line in lines if line.startswith("L2 "))]
-        await pilot.press("i")
+        await pilot.press("f2")
         assert not app.screen.has_class("-inspecting") and app.state.selected is None
 
 
@@ -318,9 +362,9 @@ async def test_theme_key_cycles_sedac_themes():
     async with app.run_test() as pilot:
         await ready(pilot)
         assert app.theme == "sedac-dark"
-        await pilot.press("escape", "t")
+        await pilot.press("escape", "ctrl+t")
         assert app.theme != "sedac-dark" and app.theme.startswith("sedac-")
-        await pilot.press("t", "t")
+        await pilot.press("ctrl+t", "ctrl+t")
         assert app.theme == "sedac-dark"
 
 
@@ -374,11 +418,11 @@ async def test_panels_collapse_and_come_back():
         await ready(pilot)
         conversation = app.query_one(Conversation)
         height = conversation.size.height
-        await pilot.press("escape", "p")
+        await pilot.press("escape", "f12")
         await pilot.pause()
         assert not app.query_one("#panels").display or app.query_one("#panels").size.height == 0
         assert conversation.size.height > height + 5
-        await pilot.press("p")
+        await pilot.press("f12")
         await pilot.pause()
         assert conversation.size.height == height
 

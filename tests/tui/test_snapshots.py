@@ -31,7 +31,7 @@ def test_main_screen_120x40(snap_compare):
 def test_inspector_80x24(snap_compare):
     async def run_before(pilot) -> None:
         await _chat_session(pilot)
-        await pilot.press("escape", "i", "left", "left", "left", "left", "left")
+        await pilot.press("escape", "f2", "left", "left", "left", "left", "left")
 
     app, _ = scripted_app()
     assert snap_compare(app, terminal_size=(80, 24), run_before=run_before)
@@ -54,7 +54,7 @@ def test_replay_screen_paused_mid_answer(snap_compare, tmp_path):
         await wait_for(pilot, lambda: app.state.model != "", what="the header")
         for n in range(1, 8):
             await pilot.press("right")
-            await wait_for(pilot, lambda: len(app.state.tokens) == n and app.replay.position >= 0,
+            await wait_for(pilot, lambda: len(app.state.tokens) == n and app.drawn,
                            what=f"token {n}")
         await pilot.pause(0.05)
         assert len(app.state.tokens) == 7 < len(SCRIPT)

@@ -59,7 +59,7 @@ async def test_theme_option_applies_and_panels_use_its_colours():
 async def test_theme_choice_is_saved_to_the_user_config(tmp_path):
     app, _ = scripted_app()
     async with app.run_test() as pilot:
-        await pilot.press("escape", "t", "ctrl+s")
+        await pilot.press("escape", "ctrl+t", "ctrl+s")
         await pilot.pause()
         chosen = app.theme
     assert chosen != "sedac-dark"
