@@ -128,3 +128,43 @@ def test_teacher_forcing_does_not_adapt(tiny_llama_bundle):
     result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=40, forced_tokens=[5] * 40,
                                                ignore_eos=True))
     assert _changes(result.events) == []
+
+
+def test_resuming_after_a_hand_set_tau_low_moves_only_tau_high(tiny_llama_bundle):
+    """After a tau_low set by hand, resuming adaptation lets tau_high follow P90 again and leaves tau_low where the
+    person put it (the app's notice says exactly that)."""
+    engine = _engine(tiny_llama_bundle)
+    assert engine.adaptive_moves_tau_low  # the config's defaults follow the session
+    engine.set_thresholds(tau_low=0.3, source="user")
+    engine.set_adaptive(True)
+    assert not engine.adaptive_moves_tau_low
+    result = engine.generate(GenerationRequest(prompt="Hello", max_new_tokens=40, ignore_eos=True))
+    changes = _changes(result.events)
+    assert changes and all(c.tau_low == 0.3 for c in changes) and engine.tau_low == 0.3
+
+
+def test_swapping_exit_heads_waits_for_the_generation_in_progress(tiny_llama_bundle):
+    """Exit heads (and with them the gate, the decision head and the calibration) swapped from another thread while
+    an answer streams take effect after it: the answer runs on what it began with."""
+    import threading
+
+    from conftest import make_exit_heads
+    from sedac_core.events import GenerationEnd, TokenEvent
+
+    engine = SedacEngine(tiny_llama_bundle)
+    engine.use_exit_heads(make_exit_heads(tiny_llama_bundle, [1, 2]))
+    engine.set_thresholds(tau_low=19.0, tau_high=19.9)  # every checked layer exits
+    request = GenerationRequest(prompt="Hello", max_new_tokens=10, mode="exit", ignore_eos=True)
+    alone = [(t.token_id, t.exit_layer) for t in engine.generate(request).token_events]
+    assert min(layer for _, layer in alone) == 1
+    engine.reset()
+    swapped = threading.Event()
+    seen = []
+    for event in engine.stream(request):
+        seen.append(event)
+        if isinstance(event, TokenEvent) and event.index == 2:
+            threading.Thread(target=lambda: (engine.use_exit_heads(None), swapped.set()), daemon=True).start()
+            assert not swapped.wait(0.3)  # held until the generation ends
+    assert isinstance(seen[-1], GenerationEnd)
+    assert [(t.token_id, t.exit_layer) for t in seen if isinstance(t, TokenEvent)] == alone
+    assert swapped.wait(5) and engine.exit_heads is None

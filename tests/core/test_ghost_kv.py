@@ -114,3 +114,31 @@ def test_deferred_fill_is_the_default_and_ghost_kv_is_opt_in(setup, monkeypatch,
     res = bare.generate(GenerationRequest(prompt="Hello", max_new_tokens=3, mode="exit"))
     notices = [e.message for e in res.events if isinstance(e, Notice)]
     assert len(notices) == 1 and "Ghost" not in notices[0]
+
+
+def test_ghost_kv_toggled_during_an_exit_answer_applies_from_the_next_one(setup, monkeypatch, tmp_path):
+    """Toggling Ghost KV while an exit-mode answer streams must not switch the fill under the rows that wait for
+    theirs (deferred): the answer keeps its fill, leaves every layer's K/V written, and the next answer uses the
+    new one."""
+    from sedac_core.cache import FILL_COMPUTED
+    from sedac_core.events import GenerationStart, TokenEvent
+
+    bundle, heads, ghost, _ = setup
+    eng = _engine(bundle, heads, monkeypatch, tmp_path, ghost=ghost)
+    eng.set_features(ghost_kv=False)
+    eng.kv_fill = eng.config.sedac.kv_fill = "deferred"
+    request = GenerationRequest(prompt="Hello", max_new_tokens=12, mode="exit", ignore_eos=True)
+    alone = eng.generate(request)
+    assert any(t.exit_layer < 4 for t in alone.token_events)  # exits happen: rows wait for their upper layers
+    eng.reset()
+    events = []
+    for event in eng.stream(request):
+        events.append(event)
+        if isinstance(event, TokenEvent) and event.index == 3:
+            eng.set_features(ghost_kv=True)  # mid-answer
+    assert [t.token_id for t in events if isinstance(t, TokenEvent)] == alone.token_ids
+    n = eng._cache.length
+    assert bool((eng._cache.fill[:, :n] == FILL_COMPUTED).all())  # the deferred rows were all completed
+    assert next(e for e in events if isinstance(e, GenerationStart)).kv_fill == "deferred"
+    nxt = eng.generate(request)
+    assert next(e for e in nxt.events if isinstance(e, GenerationStart)).kv_fill == "ghost"
