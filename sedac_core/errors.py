@@ -27,3 +27,10 @@ class PromptTooLongError(SedacError):
 
 class SessionFileError(SedacError):
     """A session (JSONL) file is missing, not a session, or malformed."""
+
+
+class AppCrashed(SedacError):
+    """The chat app (or replay) stopped on an unexpected error: a bug, not the user's doing. The message names the
+    error, where the full traceback was written, and where the session file is."""
+
+    exit_code = 1

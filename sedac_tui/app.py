@@ -276,8 +276,8 @@ class SedacChatApp(App[None]):
         self._turn_ended = False
         self._unshown: list[str] = []  # streamed text not yet on screen (drawn at the next frame)
         self._panels_dirty = False
-        self._flush_timer: Any = None
-        self._last_flush = 0.0
+        self._draw_timer: Any = None
+        self._last_draw = 0.0
         self._loader: threading.Thread | None = None
         self._focus_before_inspector: Any = None
         self._main_screen: Screen | None = None
@@ -334,6 +334,24 @@ class SedacChatApp(App[None]):
             self.query_one("#prompt", Input).focus()
             self._start_loading()
 
+    # -- a crash: one line and a non-zero exit, never a screenful of traceback ---------------------------------
+    crash: str | None = None  # "Type: message" of the error that stopped the app
+    crash_log: Path | None = None  # where its full traceback was written
+
+    def _handle_exception(self, error: Exception) -> None:
+        """Textual's hook for an unhandled exception (it then exits). Keep the traceback in a file and the one line
+        for the CLI (run_chat / run_replay raise AppCrashed with it after the app has closed)."""
+        if self.crash is None:
+            self.crash = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}".rstrip(": ")
+            self.crash_log = _write_crash_log(error)
+        super()._handle_exception(error)
+
+    def _print_error_renderables(self) -> None:
+        if self.crash is not None:  # the CLI prints the one line instead of Textual's traceback
+            self._exit_renderables.clear()
+            return
+        super()._print_error_renderables()
+
     async def on_unmount(self) -> None:
         self.shutdown()
 
@@ -364,29 +382,29 @@ class SedacChatApp(App[None]):
                 self._panels_dirty = True
                 continue
             if isinstance(item, (GenerationStart, GenerationEnd, ErrorEvent, Notice, UserMessage, SourceFinished)):
-                await self._flush()  # what streamed so far goes on screen before the transcript changes
+                await self._draw_pending()  # what streamed so far goes on screen before the transcript changes
             self._panels_dirty |= await self._handle(item)
-        self._schedule_flush()
+        self._schedule_draw()
 
-    def _schedule_flush(self) -> None:
+    def _schedule_draw(self) -> None:
         """Draw what arrived at most FRAME_RATE times a second: the first change of a quiet spell at once, the
         rest of a burst at the next frame. Per token, the panels' repaints and the Markdown re-parse took more of
         the two cores than decoding did."""
-        if self._flush_timer is not None or not (self._unshown or self._panels_dirty):
+        if self._draw_timer is not None or not (self._unshown or self._panels_dirty):
             return
-        delay = max(0.001, self._last_flush + 1.0 / FRAME_RATE - time.monotonic())  # (a 0 s timer divides by 0)
-        self._flush_timer = self.set_timer(delay, self._flush)
+        delay = max(0.001, self._last_draw + 1.0 / FRAME_RATE - time.monotonic())  # (a 0 s timer divides by 0)
+        self._draw_timer = self.set_timer(delay, self._draw_pending)
 
     @property
     def drawn(self) -> bool:
         """Whether everything that arrived is on screen (no frame pending)."""
-        return not self._inbox and not self._unshown and not self._panels_dirty and self._flush_timer is None
+        return not self._inbox and not self._unshown and not self._panels_dirty and self._draw_timer is None
 
-    async def _flush(self) -> None:
-        if self._flush_timer is not None:
-            self._flush_timer.stop()
-            self._flush_timer = None
-        self._last_flush = time.monotonic()
+    async def _draw_pending(self) -> None:
+        if self._draw_timer is not None:
+            self._draw_timer.stop()
+            self._draw_timer = None
+        self._last_draw = time.monotonic()
         if not self.query("#conversation"):  # shutting down: the widgets are gone
             return
         if self._unshown:
@@ -894,6 +912,32 @@ def _display_path(path: Path | str | None) -> str:
         return str(p)
 
 
+def _write_crash_log(error: BaseException) -> Path | None:
+    import traceback
+
+    from sedac_core.paths import cache_dir
+
+    try:
+        path = cache_dir() / "crash.log"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        stamp = _dt.datetime.now().isoformat(timespec="seconds")
+        text = "".join(traceback.format_exception(type(error), error, error.__traceback__))
+        path.write_text(f"sedac-chat crashed at {stamp}\n{text}", encoding="utf-8")
+        return path
+    except OSError:
+        return None
+
+
+def _raise_if_crashed(app: SedacChatApp, session_file: Path | None) -> None:
+    from sedac_core.errors import AppCrashed
+
+    if app.crash is None:
+        return
+    details = f"; the traceback is in {_display_path(app.crash_log)}" if app.crash_log else ""
+    kept = f"; the session so far is in {_display_path(session_file)}" if session_file is not None else ""
+    raise AppCrashed(f"the app stopped on an unexpected error ({app.crash}){details}{kept}; please report it")
+
+
 def default_record_path() -> Path:
     from sedac_core.paths import sessions_dir
 
@@ -954,6 +998,7 @@ def run_chat(*, model: str | None, local: bool, config: SedacConfig, record: Pat
     app = SedacChatApp(config=config, engine_factory=engine_factory_for(model, local, config),
                        record_path=record_path, theme=theme_name)
     app.run()
+    _raise_if_crashed(app, record_path if app.state.session_file else None)
 
 
 def run_replay(path: Path, *, speed: float, theme: str | None, config: SedacConfig) -> None:
@@ -963,3 +1008,4 @@ def run_replay(path: Path, *, speed: float, theme: str | None, config: SedacConf
     check_keymap(config.tui.keymap)
     app = SedacChatApp(config=config, session=session, speed=speed, theme=theme_name)
     app.run()
+    _raise_if_crashed(app, None)

@@ -443,3 +443,49 @@ async def test_prompt_sent_during_a_generation_is_answered_after_it():
         assert len(engine.requests) == 2
         assert engine.requests[1].messages[-1] == {"role": "user", "content": "second"}
         assert [b.source for b in app.query(AssistantBubble)][-1] == full_text()
+
+
+async def test_a_crash_is_one_line_a_failing_exit_and_a_whole_session_file(tmp_path, monkeypatch):
+    """An unexpected error in the UI stops the app with its traceback in a file, one line for the CLI (exit code 1),
+    and the session recorded up to it still replays."""
+    import pytest
+
+    from sedac_core.errors import AppCrashed
+    from sedac_tui.app import _raise_if_crashed
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    record = tmp_path / "s.jsonl"
+    app, _ = scripted_app(record_path=record)
+    boom = RuntimeError("boom in a panel")
+
+    def explode(*_args, **_kwargs):
+        raise boom
+
+    with pytest.raises(RuntimeError, match="boom"):  # (run_test re-raises for test frameworks)
+        async with app.run_test() as pilot:
+            await ready(pilot)
+            await send(pilot, "hello")
+            await idle(pilot)
+            monkeypatch.setattr(app.query_one(StatsBar), "render", explode)
+            app.query_one(StatsBar).refresh()
+            await pilot.pause(0.2)
+    assert app.return_code == 1 and app.crash == "RuntimeError: boom in a panel"
+    assert "boom in a panel" in app.crash_log.read_text()
+    with pytest.raises(AppCrashed) as info:
+        _raise_if_crashed(app, record)
+    message = str(info.value)
+    assert "\n" not in message and "RuntimeError: boom in a panel" in message and "s.jsonl" in message
+    assert info.value.exit_code == 1
+    events = read_session(record).events  # the recording is whole and readable
+    assert any(isinstance(e, GenerationEnd) for e in events)
+
+
+def test_the_app_overrides_only_the_textual_internals_it_means_to():
+    """A private method of ours that shadows one of Textual's breaks Textual silently (a `_flush` once took the
+    place of the one Textual's logging calls). Only the crash hooks are meant to."""
+    from textual.app import App
+
+    meant = {"_handle_exception", "_print_error_renderables"}
+    ours = {name for name, value in vars(SedacChatApp).items()
+            if callable(value) and name.startswith("_") and not name.startswith("__")}
+    assert {name for name in ours if hasattr(App, name)} == meant
