@@ -11,6 +11,10 @@ from typing import Any
 from .errors import ConfigError
 
 MODES = ("full", "exit", "lossless")
+# "auto": the fastest mode that keeps the full model's answer: lossless where the model has a profile to draft with
+# (exit heads), else full depth
+AUTO_MODE = "auto"
+CONFIG_MODES = (AUTO_MODE, *MODES)
 KERNEL_BACKENDS = ("auto", "cuda", "cpp", "torch")
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 DEVICES = ("auto", "cpu", "cuda")
@@ -37,7 +41,7 @@ KV_FILLS = ("deferred", "propagate")
 
 @dataclass
 class SedacSection:
-    mode: str = "full"
+    mode: str = AUTO_MODE
     auto_calibrate: bool = True
     # how an exited token's skipped layers get their K/V: "deferred" (the true K/V, computed with the next
     # token's pass) or "propagate" (CALM's state propagation); enable_ghost_kv: true puts Ghost KV in their place
@@ -56,7 +60,7 @@ class SedacSection:
     o1_high_entropy_threshold: float = 4.5
 
     def validate(self) -> None:
-        _choice("sedac.mode", self.mode, MODES)
+        _choice("sedac.mode", self.mode, CONFIG_MODES)
         _choice("sedac.kv_fill", self.kv_fill, KV_FILLS)
         for name in ("entropy_threshold_base", "entropy_threshold_min", "o1_high_entropy_threshold"):
             _range(f"sedac.{name}", getattr(self, name), 0.0, 32.0)

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from .anatomy import Anatomy, apply_rope
 from .cache import FILL_GHOST, FILL_PROPAGATED, StaticKVCache
 from .calibration import AdaptiveThresholds
-from .config import MODES, SedacConfig
+from .config import AUTO_MODE, MODES, SedacConfig
 from .entropy import entropy_bits, set_backend, token_stats
 from .errors import ConfigError, PromptTooLongError, SedacError
 from .events import (
@@ -198,6 +198,7 @@ class SedacEngine:
         self.ghost_kv: GhostKV | None = None
         self.ghost_notice = ""  # why Ghost KV was asked for but is off; shown once, at the next exit generation
         self._load_ghost_kv()
+        self._mode = self.resolve_mode(self._mode)
 
     def _load_profile(self) -> None:
         """Exit heads (and their calibration) from the model's profile; without one, exit mode runs full depth."""
@@ -386,7 +387,15 @@ class SedacEngine:
         hi = update.tau_high if lo is not None else max(update.tau_high, self._tau_low + TAU_GAP)
         return self._apply_thresholds(lo, hi, "adaptive", update.percentiles)
 
+    def resolve_mode(self, mode: str) -> str:
+        """A mode name as the engine runs it: "auto" is lossless where this model has exit heads to draft with
+        (the full model's output, faster), else full depth."""
+        if mode == AUTO_MODE:
+            return "lossless" if self.exit_heads is not None else "full"
+        return mode
+
     def set_mode(self, mode: str) -> ModeChange:
+        mode = self.resolve_mode(mode)
         if mode not in self.available_modes:
             raise ConfigError(f"unknown mode '{mode}'; available modes: {', '.join(self.available_modes)}")
         with self._settings_lock:
@@ -455,7 +464,7 @@ class SedacEngine:
 
     def stream(self, request: GenerationRequest, cancel: threading.Event | None = None) -> Iterator[Event]:
         request.validate()
-        mode = request.mode or self._mode
+        mode = self.resolve_mode(request.mode or self._mode)
         if mode not in self.available_modes:
             raise ConfigError(f"unknown mode '{mode}'; available modes: {', '.join(self.available_modes)}")
         if request.raw_prompt:

@@ -631,7 +631,7 @@ def create_app(engine_or_factory: SedacEngine | EngineFactory, *, api_key: str |
     def generation_request(engine: SedacEngine, body: _Sampling, default_max: int, **prompt: Any) -> GenerationRequest:
         gen = engine.config.generation
         opts = body.sedac or SedacOptions()
-        if opts.mode is not None and opts.mode not in engine.available_modes:
+        if opts.mode is not None and opts.mode not in (*engine.available_modes, "auto"):
             raise APIError(400, f"unknown mode '{opts.mode}'; available modes: {', '.join(engine.available_modes)}",
                            param="sedac.mode", code="invalid_value")
         temperature = gen.temperature if body.temperature is None else body.temperature

@@ -79,10 +79,10 @@ def _model_spec(model: Optional[str], cfg) -> Optional[str]:
 
 
 def _check_mode(mode: Optional[str]) -> None:
-    from sedac_core.config import MODES
+    from sedac_core.config import CONFIG_MODES
 
-    if mode is not None and mode not in MODES:
-        _fail(f"unknown mode '{mode}'; available modes: {', '.join(MODES)}")
+    if mode is not None and mode not in CONFIG_MODES:
+        _fail(f"unknown mode '{mode}'; available modes: {', '.join(CONFIG_MODES)}")
 
 
 @app.callback(invoke_without_command=True)
@@ -96,8 +96,9 @@ def chat(
     no_record: bool = typer.Option(False, "--no-record", help="Do not record the session."),
     theme: Optional[str] = typer.Option(None, "--theme", help="Theme name (sedac-dark, sedac-light, "
                                         "sedac-high-contrast, or one of yours)."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode to start in: full, exit or lossless "
-                                       "(m cycles them in the app)."),
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode to start in: auto (the default: lossless "
+                                       "where the model has a profile, else full), full, exit or lossless (F4 "
+                                       "cycles them in the app)."),
     device: Optional[str] = DeviceOpt,
     dtype: Optional[str] = DtypeOpt,
 ) -> None:
@@ -124,7 +125,8 @@ def ask(
     local: bool = LocalOpt,
     config: Optional[Path] = ConfigOpt,
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", "-n", help="Most tokens to generate."),
-    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode: full, exit (early exit) or lossless "
+    mode: Optional[str] = typer.Option(None, "--mode", help="Decoding mode: auto (the default: lossless where the "
+                                       "model has a profile, else full), full, exit (early exit) or lossless "
                                        "(self-speculative: exactly the full model's output)."),
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="Sample at this temperature "
                                                 "(default: greedy)."),

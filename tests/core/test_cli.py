@@ -51,7 +51,7 @@ def test_ask_text_prints_answer_and_stats(tiny_dir):
     "args, match",
     [
         (["ask", "hi", "--model", "/no/such/model", "--local"], "model path does not exist"),
-        (["ask", "hi", "--mode", "turbo"], "unknown mode 'turbo'; available modes: full"),
+        (["ask", "hi", "--mode", "turbo"], "unknown mode 'turbo'; available modes: auto, full"),
         (["ask", "hi", "--config", "/no/such.yaml"], "config file not found"),
         (["replay", "/no/such/session.jsonl"], "session file not found"),
         (["replay", "x.jsonl", "--speed", "0"], "--speed is 0.0"),
