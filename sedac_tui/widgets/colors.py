@@ -33,6 +33,7 @@ class Palette:
         self._colors: dict[str, Color] = {}
         for name, default in DEFAULTS.items():
             self._colors[name] = _parse(variables.get(name), default)
+        self._hex = {name: color.hex for name, color in self._colors.items()}
         self.foreground = _parse(variables.get("foreground"), "#E0E0E0")
         self.background = _parse(variables.get("background"), "#121212")
 
@@ -40,7 +41,7 @@ class Palette:
         return self._colors[name]
 
     def hex(self, name: str) -> str:
-        return self._colors[name].hex
+        return self._hex[name]
 
     def style(self, name: str, **kwargs: object) -> Style:
         return Style(color=self._colors[name].rich_color, **kwargs)  # type: ignore[arg-type]
@@ -84,3 +85,14 @@ def palette_for(variables: Mapping[str, str] | None) -> Palette:
             _PALETTES.clear()
         palette = _PALETTES[key] = Palette(variables)
     return palette
+
+
+def widget_palette(widget: object) -> Palette:
+    """The palette of the app a widget is mounted in; the defaults for one rendered on its own (tests, exports)."""
+    from textual._context import NoActiveAppError
+
+    try:
+        variables = widget.app.theme_variables  # type: ignore[attr-defined]
+    except NoActiveAppError:
+        variables = None
+    return palette_for(variables)

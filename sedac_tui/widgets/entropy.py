@@ -6,9 +6,10 @@ from __future__ import annotations
 import math
 
 from rich.segment import Segment
+from rich.style import Style
 
 from .colors import Palette
-from .lines import Line, LinePanel
+from .lines import Line, LinePanel, merged
 
 BLOCKS = " ▁▂▃▄▅▆▇█"
 
@@ -46,22 +47,22 @@ class EntropySparkline(LinePanel):
             mark_style = None
             if r == high_row or r == low_row:
                 mark_style = style(palette.hex("sedac-tau-high" if r == high_row else "sedac-tau-low"))
-            line: Line = []
+            cells: list[tuple[str, Style | None]] = []
             for eighths, is_o1, selected, bar_style in columns:
                 fill = max(0, min(8, eighths - level))
                 if fill:
-                    line.append(Segment(BLOCKS[fill], bar_style))
+                    cells.append((BLOCKS[fill], bar_style))
                 elif is_o1 and r == 0:
-                    line.append(Segment("◆", o1_style))
+                    cells.append(("◆", o1_style))
                 elif mark_style is not None:
-                    line.append(Segment("╌", mark_style))
+                    cells.append(("╌", mark_style))
                 elif selected:
-                    line.append(Segment("│", style(select_bg)))
+                    cells.append(("│", style(select_bg)))
                 else:
-                    line.append(Segment(" "))
+                    cells.append((" ", None))
             if mark_style is not None and len(tokens) < width:
-                line.append(Segment("╌" * (width - len(tokens)), mark_style))
-            lines.append(line)
+                cells.append(("╌" * (width - len(tokens)), mark_style))
+            lines.append(merged(cells))
         lines.append(self._legend(palette, width, [h for h in known if h is not None]))
         return lines
 

@@ -11,7 +11,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.widget import Widget
 
-from .colors import Palette
+from .colors import widget_palette
 from .state import ViewState
 
 
@@ -50,7 +50,7 @@ class TokenInspector(Widget, can_focus=True):
 
     def render(self) -> Text:
         state = self.state
-        palette = Palette(self.app.theme_variables)
+        palette = widget_palette(self)
         out = Text(overflow="ellipsis", no_wrap=True)
         if not state.tokens:
             out.append("no tokens yet · ←/→ move along tokens", Style(dim=True))
@@ -93,5 +93,5 @@ class TokenInspector(Widget, can_focus=True):
             out.append("O1: ", palette.style("sedac-o1", bold=True))
             out.append(", ".join(f"{c.get('text', '')!r} {float(c.get('score', 0)):.2f}" for c in o1.candidates))
             out.append("\n")
-        out.append("←/→ move · home/end · i close", Style(dim=True))
+        out.append("←/→ move · home/end · F2 or Esc close", Style(dim=True))
         return out

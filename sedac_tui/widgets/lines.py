@@ -15,7 +15,7 @@ from textual.geometry import Size
 from textual.strip import Strip
 from textual.widget import Widget
 
-from .colors import Palette, palette_for
+from .colors import Palette, widget_palette
 from .state import ViewState
 
 Line = list[Segment]
@@ -37,6 +37,23 @@ class StyleCache:
         return style
 
 
+def merged(cells: list[tuple[str, Style | None]], lead: list[Segment] | None = None) -> Line:
+    """Cells (text, style) as segments, neighbours of one style joined: a row of like cells becomes one segment,
+    and every strip operation downstream (crop, style, colour filter) runs per segment."""
+    line: Line = list(lead or [])
+    run: list[str] = []
+    run_style: Style | None = None
+    for text, style in cells:
+        if style is not run_style and run:
+            line.append(Segment("".join(run), run_style))
+            run = []
+        run_style = style
+        run.append(text)
+    if run:
+        line.append(Segment("".join(run), run_style))
+    return line
+
+
 class LinePanel(Widget):
     """Subclasses implement `build(width, height, palette) -> list[Line]`; the lines are built once per repaint."""
 
@@ -52,7 +69,7 @@ class LinePanel(Widget):
 
     @property
     def palette(self) -> Palette:
-        return palette_for(self.app.theme_variables)
+        return widget_palette(self)
 
     def build(self, width: int, height: int, palette: Palette) -> list[Line]:
         raise NotImplementedError

@@ -7,7 +7,7 @@ from rich.style import Style
 from rich.text import Text
 from textual.widget import Widget
 
-from .colors import Palette
+from .colors import widget_palette
 from .state import ViewState
 
 
@@ -22,7 +22,7 @@ class O1List(Widget):
 
     def render(self) -> Text:
         state = self.state
-        palette = Palette(self.app.theme_variables)
+        palette = widget_palette(self)
         out = Text(overflow="ellipsis", no_wrap=True)
         if not state.o1_events:
             hint = "O1 reasoning on; none triggered yet" if state.enable_o1_reasoning else "O1 reasoning off"
