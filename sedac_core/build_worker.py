@@ -20,12 +20,15 @@ KINDS = ("cpp", "cuda", "matmul")
 
 
 def lower_priority(niceness: int = BUILD_NICENESS) -> None:
-    """Run this process, and the ninja and compilers it starts (they inherit it), at `niceness`: a build at normal
-    priority takes a core from decoding on a small machine."""
-    if not hasattr(os, "setpriority"):
-        return
-    with contextlib.suppress(OSError):
-        os.setpriority(os.PRIO_PROCESS, 0, max(niceness, os.getpriority(os.PRIO_PROCESS, 0)))
+    """Run this process, and the ninja and compilers it starts (they inherit both), at `niceness` and, on Linux,
+    as SCHED_IDLE: it then runs only on a core nothing else wants, and a decoding thread that wakes up takes the
+    core back at once (torch's parallel regions wait for their slowest thread, so a late one costs every region)."""
+    if hasattr(os, "setpriority"):
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, 0, max(niceness, os.getpriority(os.PRIO_PROCESS, 0)))
+    if hasattr(os, "SCHED_IDLE"):
+        with contextlib.suppress(OSError):
+            os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))
 
 
 def main(argv: list[str] | None = None) -> int:

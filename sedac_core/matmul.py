@@ -78,8 +78,8 @@ class GemmKernel:
         build_dir = self.build_dir()
         log_path = build_dir / "build.log"
         if mode == "background":
-            ok, reason, worker_log = kernels.build_in_worker("matmul", build_dir, self.src_dir, self.cache_root,
-                                                             self.isa)
+            ok, reason, worker_log = kernels.build_in_worker("matmul", build_dir, self._library_name(build_dir),
+                                                             self.src_dir, self.cache_root, self.isa)
             res = self._build("cached") if ok else None
             return res or BuildResult(False, reason if not ok else "matmul: build failed (no library after the "
                                       "build), using torch", log_path=worker_log)

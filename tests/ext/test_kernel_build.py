@@ -233,7 +233,7 @@ BUILD_SCRIPT = textwrap.dedent("""
         def worker_holds_lock():
             pid = lock.read_text().strip() if lock.exists() else ""
             cmdline = Path(f"/proc/{pid}/cmdline")
-            return bool(pid) and cmdline.exists() and b"build_worker" in cmdline.read_bytes()
+            return bool(pid) and cmdline.exists() and b"\\0-m\\0sedac_core.build_worker\\0" in cmdline.read_bytes()
 
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not worker_holds_lock():
@@ -283,6 +283,9 @@ def test_a_build_killed_mid_build_hangs_nothing(tmp_path):
         _wait_for(lambda: (build_dir / "lock").exists(), 240, "cpp_extension lock file")
         worker = int((build_dir / kernels.BUILD_LOCK).read_text().split()[0])
         workers.append(worker)
+        # lowest priority, out of the terminal's foreground group, in our session (autogroups share CPU per session)
+        assert os.sched_getscheduler(worker) == os.SCHED_IDLE and os.getpriority(os.PRIO_PROCESS, worker) == 19
+        assert os.getpgid(worker) == worker and os.getsid(worker) == os.getsid(0)
         os.kill(worker, signal.SIGKILL)  # the worker alone: its ninja and compilers live on as orphans
         _wait_for(lambda: not Path(f"/proc/{worker}").exists() or "Z" in Path(f"/proc/{worker}/stat").read_text()
                   .split()[2], 30, "end of the killed worker")
@@ -303,7 +306,7 @@ def test_a_build_killed_mid_build_hangs_nothing(tmp_path):
         assert worker_log.count("sedac_core.build_worker cpp") == 2
     finally:
         for pid in workers:
-            _kill_group(pid)  # the killed worker's orphaned ninja and compilers (its own session)
+            _kill_group(pid)  # the killed worker's orphaned ninja and compilers (its own process group)
 
 
 # ------------------------------------------------------------------------------------- no CUDA_HOME warning
