@@ -58,7 +58,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_THEME = "sedac-dark"
 THEMES_DIR = bundled_dir(__file__, "themes", "_themes", f"{DEFAULT_THEME}.yaml")
-FRAME_RATE = 10  # screen updates per second while tokens stream (text and panels)
+TEXT_RATE = 10  # streamed text: screen updates per second at most
+PANEL_RATE = 4  # the panels and the stats bar: repaints per second at most while tokens stream
 TAU_LOW_STEP = 0.1
 TAU_HIGH_STEP = 0.25
 THEME_SUFFIXES = (".yaml", ".yml")
@@ -278,6 +279,9 @@ class SedacChatApp(App[None]):
         self._panels_dirty = False
         self._draw_timer: Any = None
         self._last_draw = 0.0
+        self._last_panels = 0.0
+        self._panels: dict[str, Any] | None = None  # the widgets _refresh_panels repaints, found once
+        self._o1_drawn: tuple | None = None
         self._loader: threading.Thread | None = None
         self._focus_before_inspector: Any = None
         self._main_screen: Screen | None = None
@@ -382,38 +386,48 @@ class SedacChatApp(App[None]):
                 self._panels_dirty = True
                 continue
             if isinstance(item, (GenerationStart, GenerationEnd, ErrorEvent, Notice, UserMessage, SourceFinished)):
-                await self._draw_pending()  # what streamed so far goes on screen before the transcript changes
+                await self._draw_pending(force=True)  # what streamed so far goes on screen before the transcript
             self._panels_dirty |= await self._handle(item)
         self._schedule_draw()
 
     def _schedule_draw(self) -> None:
-        """Draw what arrived at most FRAME_RATE times a second: the first change of a quiet spell at once, the
-        rest of a burst at the next frame. Per token, the panels' repaints and the Markdown re-parse took more of
-        the two cores than decoding did."""
-        if self._draw_timer is not None or not (self._unshown or self._panels_dirty):
+        """Streamed text goes on screen at most TEXT_RATE times a second and the panels at most PANEL_RATE times:
+        the first change after a quiet spell at once, the rest of a burst when its frame is due. Drawn per token,
+        the panels and the transcript took more of the two cores than decoding did (and, in one process, the
+        interpreter lock from the decoding thread)."""
+        if self._draw_timer is not None:
             return
-        delay = max(0.001, self._last_draw + 1.0 / FRAME_RATE - time.monotonic())  # (a 0 s timer divides by 0)
-        self._draw_timer = self.set_timer(delay, self._draw_pending)
+        due = []
+        if self._unshown:
+            due.append(self._last_draw + 1.0 / TEXT_RATE)
+        if self._panels_dirty:
+            due.append(self._last_panels + 1.0 / PANEL_RATE)
+        if due:
+            delay = max(0.001, min(due) - time.monotonic())  # (a 0 s timer divides by 0)
+            self._draw_timer = self.set_timer(delay, self._draw_pending)
 
     @property
     def drawn(self) -> bool:
         """Whether everything that arrived is on screen (no frame pending)."""
         return not self._inbox and not self._unshown and not self._panels_dirty and self._draw_timer is None
 
-    async def _draw_pending(self) -> None:
+    async def _draw_pending(self, force: bool = False) -> None:
         if self._draw_timer is not None:
             self._draw_timer.stop()
             self._draw_timer = None
-        self._last_draw = time.monotonic()
         if not self.query("#conversation"):  # shutting down: the widgets are gone
             return
+        now = time.monotonic()
         if self._unshown:
+            self._last_draw = now
             text = "".join(self._unshown)
             self._unshown.clear()
             await self.query_one(Conversation).append(text)
-        if self._panels_dirty:
+        if self._panels_dirty and (force or now - self._last_panels >= 1.0 / PANEL_RATE - 0.002):
             self._panels_dirty = False
+            self._last_panels = now
             self._refresh_panels()
+        self._schedule_draw()
 
     async def _handle(self, item: object) -> bool:
         conversation = self.query_one(Conversation)
@@ -490,9 +504,25 @@ class SedacChatApp(App[None]):
         return True
 
     def _refresh_panels(self) -> None:
-        for widget_id in ("#stats", "#sparkline", "#heatmap", "#o1-list", "#inspector"):
-            for widget in self.query(widget_id):  # (none while shutting down)
-                widget.refresh()
+        """Repaint what the state may have changed: the stats and the two charts always, the inspector while it is
+        open, the O1 list when its events or threshold moved."""
+        if self._panels is None:
+            found = {w.id: w for w in self.query("#stats, #sparkline, #heatmap, #o1-list, #inspector")}
+            if len(found) < 5:  # (shutting down)
+                return
+            self._panels = found
+        p = self._panels
+        for name in ("stats", "sparkline", "heatmap"):
+            p[name].refresh()
+        if self.screen.has_class("-inspecting") or self._main_screen_inspecting():
+            p["inspector"].refresh()
+        o1_key = (len(self.state.o1_events), self.state.tau_high, self.state.enable_o1_reasoning, self.theme)
+        if o1_key != self._o1_drawn:
+            self._o1_drawn = o1_key
+            p["o1-list"].refresh()
+
+    def _main_screen_inspecting(self) -> bool:
+        return self._main_screen is not None and self._main_screen.has_class("-inspecting")
 
     # -- live: loading, sending, recording ---------------------------------------------------------------------
     def _start_loading(self) -> None:
