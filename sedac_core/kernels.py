@@ -1,6 +1,11 @@
 """Build, load and choose the ext/ kernels (fused entropy + routing statistics): a C++ CPU kernel compiled once per
 instruction set, and a CUDA kernel, JIT-built with torch.utils.cpp_extension into the user cache dir on first use.
-Anything that goes wrong (no compiler, a failed build, no GPU) leaves the pure-torch reference in charge."""
+Anything that goes wrong (no compiler, a failed build, no GPU) leaves the pure-torch reference in charge.
+
+Nothing on the generation path waits for a compiler: a finished build on disk is loaded (a fraction of a second),
+otherwise a low-priority worker process builds it while torch serves, and the kernel takes over at a generation
+boundary (select_kernels). A build holds an flock in its build dir, so a build killed by a signal leaves nothing
+that makes a later one wait. The skinny-matmul kernel (matmul.py) uses the same machinery."""
 
 from __future__ import annotations
 
