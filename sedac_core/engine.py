@@ -18,6 +18,7 @@ from .cache import FILL_GHOST, FILL_PROPAGATED, StaticKVCache
 from .calibration import AdaptiveThresholds
 from .config import AUTO_MODE, MODES, SedacConfig
 from .entropy import entropy_bits, set_backend, token_stats
+from .kernels import select_kernels
 from .errors import ConfigError, PromptTooLongError, SedacError
 from .events import (
     Event,
@@ -496,12 +497,15 @@ class SedacEngine:
         call this first, so that no timed run mixes torch's matmuls with the kernel's."""
         if self.config.performance.matmul_kernel:
             matmul_linear(wait=True)
+        select_kernels(wait=True)
         self._select_matmul()
 
     def _select_matmul(self) -> None:
         """The weight matmuls' implementation for the next generation: the skinny-matmul kernel once it is built
         (CPU, `performance.matmul_kernel`), else F.linear. Chosen per generation, never inside one, so a response is
-        computed with one arithmetic throughout (the two differ by float rounding)."""
+        computed with one arithmetic throughout (the two differ by float rounding). The statistics kernel switches in
+        here too, once its background build is done."""
+        select_kernels()
         if self.config.performance.matmul_kernel and self.anatomy.input_major and self.device.type == "cpu":
             self.anatomy.linear = matmul_linear()
         else:

@@ -33,6 +33,9 @@ def _matmul_kernel_settled():
     if GEMM.enabled and not GEMM.wait(timeout=900) and GEMM._result is None:  # (SEDAC_MATMUL_TORCH=1: off)
         GEMM.set_enabled(False)
         warnings.warn("the matmul kernel build did not finish in 15 minutes; the tests run on torch's matmuls")
+    from sedac_core.kernels import select_kernels
+
+    select_kernels(wait=True)  # the statistics kernel too: no switch partway through the run
     yield
 
 
